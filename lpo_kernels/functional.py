@@ -1,0 +1,139 @@
+"""Public functional API: checks inputs once, picks a backend, attaches the gradient.
+
+Every listwise backend implements one contract, ``forward(batch, options) ->
+ListwiseResult`` (see ``reference.listwise_forward``): it computes the loss value *and*
+d loss / d logp in the forward. Backward only multiplies by ``grad_output``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .inputs import check_listwise_inputs, check_same_device, check_tensor
+from .options import GRPOOptions, LPOOptions
+from .stats import GRPOStats, LPOStats
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - triton is a dependency, but be safe
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: Triton on CUDA tensors when Triton imports, else the torch reference."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    return "torch"
+
+
+def listwise_forward_impl(backend: str):
+    """The ``forward(batch, options) -> ListwiseResult`` of a concrete backend."""
+    if backend == "torch":
+        return reference.listwise_forward
+    if backend == "triton":
+        from .ops.listwise import listwise_forward_triton
+
+        return listwise_forward_triton
+    if backend == "cuda":
+        from .cuda import listwise_forward_cuda
+
+        return listwise_forward_cuda
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class AttachTokenGrad(torch.autograd.Function):
+    """Returns ``loss`` unchanged; its backward hands logp ``grad_output * token_grad``
+    (gathered per group for reduction='none'). The coefficients are constants."""
+
+    @staticmethod
+    def forward(ctx, logp, loss, token_grad, token_group):
+        ctx.save_for_backward(token_grad, token_group)
+        ctx.logp_dtype = logp.dtype
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        token_grad, token_group = ctx.saved_tensors
+        scale = grad_loss if token_group is None else grad_loss[token_group]
+        return (scale * token_grad).to(ctx.logp_dtype), None, None, None
+
+
+def attach_token_grad(logp: Tensor, result: reference.ListwiseResult) -> Tensor:
+    if not (torch.is_grad_enabled() and logp.requires_grad):
+        return result.loss
+    return AttachTokenGrad.apply(logp, result.loss, result.token_grad, result.token_group)
+
+
+def lpo_loss(logp, old_logp, mask, group_ids, rewards=None, advantages=None, *,
+             target="grpo", divergence="forward_kl", alpha=0.5, tau=1.0, eps=1e-6,
+             seq_reduce="mean", clip="clamp", clip_eps_low=0.2, clip_eps_high=0.2,
+             reduction="mean", cu_seqlens=None, group_size=None, backend="auto",
+             validate=None) -> tuple[Tensor, LPOStats]:
+    """Listwise Policy Optimization loss from per-token log-probs.
+
+    Args:
+        logp: current policy log-probs, padded ``[B, T]`` or packed ``[N]`` (with
+            ``cu_seqlens``); the only differentiable input.
+        old_logp: behaviour-policy log-probs, same shape; ``None`` = on-policy.
+        mask: which tokens count, same shape as logp (``None``: all of them).
+        group_ids: ``[B]`` integer prompt ids (any values, any order); may be ``None``
+            when ``group_size=K`` says groups are consecutive rows of K.
+        rewards / advantages: ``[B]`` per response (advantages for target='advantages').
+        validate: run the value checks that synchronise (finite rewards, cu_seqlens,
+            group_size consistency); ``None`` = only for CPU tensors.
+
+    Returns ``(loss, stats)``: the divergence (mean over groups by default) and an
+    :class:`LPOStats` of detached tensors. See ../shared/docs/lpo-math.md.
+    """
+    options = LPOOptions(target=target, divergence=divergence, alpha=alpha, tau=tau, eps=eps,
+                         seq_reduce=seq_reduce, clip=clip, clip_eps_low=clip_eps_low,
+                         clip_eps_high=clip_eps_high, reduction=reduction)
+    batch = check_listwise_inputs(logp, old_logp, mask, group_ids, rewards, advantages,
+                                  options=options, cu_seqlens=cu_seqlens,
+                                  group_size=group_size, validate=validate)
+    forward = listwise_forward_impl(resolve_backend(backend, logp.device))
+    with torch.no_grad():
+        result = forward(batch, options)
+    return attach_token_grad(logp, result), result.stats
+
+
+def grpo_loss(logp, old_logp, mask, advantages, *, loss_type="grpo", clip_eps_low=0.2,
+              clip_eps_high=0.2, beta=0.0, ref_logp=None, max_completion_length=None
+              ) -> tuple[Tensor, GRPOStats]:
+    """The GRPO baseline with TRL GRPOTrainer's conventions (spec section 5).
+
+    ``logp``/``old_logp``/``mask``/``ref_logp``: padded ``[B, T]``; ``advantages``:
+    ``[B]`` or ``[B, T]``; ``loss_type``: grpo | bnpo | dr_grpo | dapo; ``beta > 0``
+    adds ``beta * k3`` KL to ``ref_logp``."""
+    options = GRPOOptions(loss_type=loss_type, clip_eps_low=clip_eps_low,
+                          clip_eps_high=clip_eps_high, beta=beta,
+                          max_completion_length=max_completion_length)
+    check_tensor("logp", logp, floating=True, dim=2)
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if x is not None:
+            check_tensor(name, x, floating=True)
+            if x.shape != logp.shape:
+                raise ValueError(f"{name} shape {tuple(x.shape)} != logp shape {tuple(logp.shape)}")
+    if mask is not None:
+        check_tensor("mask", mask)
+        if mask.shape != logp.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != logp shape {tuple(logp.shape)}")
+    check_tensor("advantages", advantages, dim=(1, 2))
+    if advantages.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp.shape)}, got {tuple(advantages.shape)}")
+    if options.beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp")
+    check_same_device("logp", logp, old_logp=old_logp, mask=mask, advantages=advantages,
+                      ref_logp=ref_logp)
+    return reference.grpo_forward(logp, old_logp, mask, advantages, ref_logp, options)

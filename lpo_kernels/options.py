@@ -1,0 +1,103 @@
+"""Option records passed through every backend (CCE style: one frozen dataclass, not a
+dozen positional arguments). Constructing one validates it, so a bad option fails before
+any tensor work, with a ValueError that names the argument."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+TARGETS = ("grpo", "dr_grpo", "rloo", "maxrl", "softmax", "advantages")
+DIVERGENCES = ("forward_kl", "reverse_kl", "alpha", "js")
+SEQ_REDUCES = ("mean", "sum")
+CLIP_MODES = ("clamp", "ppo", "none")
+REDUCTIONS = ("mean", "sum", "none")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class LPOOptions:
+    """Every option of the listwise loss (spec: ../shared/docs/lpo-math.md).
+
+    ``tau`` divides the target logits of every target; with the default ``tau=1`` each
+    target is exactly the spec's table (``softmax``/``advantages`` are the two where the
+    spec names it)."""
+
+    target: str = "grpo"
+    divergence: str = "forward_kl"
+    alpha: float = 0.5
+    tau: float = 1.0
+    eps: float = 1e-6
+    seq_reduce: str = "mean"
+    clip: str = "clamp"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    reduction: str = "mean"
+
+    def __post_init__(self):
+        _check_choice("target", self.target, TARGETS)
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        _check_choice("seq_reduce", self.seq_reduce, SEQ_REDUCES)
+        _check_choice("clip", self.clip, CLIP_MODES)
+        _check_choice("reduction", self.reduction, REDUCTIONS)
+        for name in ("alpha", "tau", "eps", "clip_eps_low", "clip_eps_high"):
+            object.__setattr__(self, name, _check_real(name, getattr(self, name)))
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}")
+        if not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"eps must lie in [0, 1), got {self.eps}")
+        if not 0.0 <= self.clip_eps_low <= 1.0:
+            raise ValueError(f"clip_eps_low must lie in [0, 1], got {self.clip_eps_low}")
+        if self.clip_eps_high < 0.0:
+            raise ValueError(f"clip_eps_high must be >= 0, got {self.clip_eps_high}")
+
+    @property
+    def needs_advantages(self) -> bool:
+        return self.target == "advantages"
+
+    @property
+    def log_ratio_bounds(self) -> tuple[float, float]:
+        """[log(1 - eps_low), log(1 + eps_high)]; eps_low = 1 means no lower bound."""
+        low = -math.inf if self.clip_eps_low >= 1.0 else math.log1p(-self.clip_eps_low)
+        return low, math.log1p(self.clip_eps_high)
+
+
+@dataclass(frozen=True)
+class GRPOOptions:
+    """Options of the GRPO baseline (TRL's GRPOTrainer conventions)."""
+
+    loss_type: str = "grpo"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    beta: float = 0.0
+    max_completion_length: int | None = None
+
+    def __post_init__(self):
+        _check_choice("loss_type", self.loss_type, GRPO_LOSS_TYPES)
+        for name in ("clip_eps_low", "clip_eps_high", "beta"):
+            object.__setattr__(self, name, _check_real(name, getattr(self, name)))
+        if not 0.0 <= self.clip_eps_low <= 1.0:
+            raise ValueError(f"clip_eps_low must lie in [0, 1], got {self.clip_eps_low}")
+        if self.clip_eps_high < 0.0:
+            raise ValueError(f"clip_eps_high must be >= 0, got {self.clip_eps_high}")
+        if self.beta < 0.0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        mcl = self.max_completion_length
+        if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, int) or mcl <= 0):
+            raise ValueError(f"max_completion_length must be a positive int, got {mcl!r}")

@@ -1,0 +1,343 @@
+"""The math of LPO and of the GRPO baseline, once, in plain PyTorch.
+
+This file is the specification (../shared/docs/lpo-math.md) in code. Every kernel is
+tested against it; it is also the CPU fallback (``backend="torch"``). It runs in fp64
+when given fp64 inputs and in fp32 otherwise, in log-space with group maxima
+subtracted, so finite inputs give finite outputs. It never synchronises with the device
+(``reduction="none"`` with arbitrary group ids is the one exception: the number of
+groups sizes its output).
+
+Groups are handled as *slots*: every sequence maps to the dense rank of its group id
+(0..U-1, ids in ascending order), and group reductions scatter into ``n_seqs`` slots, an
+upper bound of U known without looking at the data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .inputs import ListwiseBatch
+from .options import GRPOOptions, LPOOptions
+from .stats import GRPOStats, LPOStats
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; every other float dtype is computed in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- segments
+def token_sequence_index(cu_seqlens: Tensor, n_tokens: int) -> Tensor:
+    """Sequence index of each packed token (no host sync)."""
+    positions = torch.arange(n_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+
+
+def sequence_sums(x: Tensor, cu_seqlens: Tensor | None, n_seqs: int) -> Tensor:
+    """Per-sequence sum of a padded [B, T] or packed [N] per-token tensor."""
+    if cu_seqlens is None:
+        return x.sum(dim=-1)
+    index = token_sequence_index(cu_seqlens, x.shape[0])
+    return x.new_zeros(n_seqs).index_add_(0, index, x)
+
+
+def per_token(values: Tensor, cu_seqlens: Tensor | None, n_tokens: int) -> Tensor:
+    """Broadcast a per-sequence vector to the token layout."""
+    if cu_seqlens is None:
+        return values[:, None]
+    return values[token_sequence_index(cu_seqlens, n_tokens)]
+
+
+def group_slots(group_ids: Tensor | None, group_size: int | None, n_seqs: int, device) -> Tensor:
+    """Dense rank of each sequence's group id, in ascending id order, without a sync."""
+    if group_size is not None:
+        return torch.arange(n_seqs, device=device) // group_size
+    sorted_ids, order = torch.sort(group_ids, stable=True)
+    starts_group = torch.ones(n_seqs, dtype=torch.long, device=device)
+    starts_group[1:] = (sorted_ids[1:] != sorted_ids[:-1]).long()
+    slots = torch.empty(n_seqs, dtype=torch.long, device=device)
+    slots[order] = torch.cumsum(starts_group, 0) - 1
+    return slots
+
+
+def segment_sum(x: Tensor, slots: Tensor, n_slots: int) -> Tensor:
+    return x.new_zeros(n_slots).index_add_(0, slots, x)
+
+
+def segment_amax(x: Tensor, slots: Tensor, n_slots: int) -> Tensor:
+    init = x.new_full((n_slots,), -math.inf)
+    return init.scatter_reduce(0, slots, x, reduce="amax", include_self=True)
+
+
+# --------------------------------------------------------------------------- the math
+def sequence_scores(batch: ListwiseBatch, seq_reduce: str, dtype: torch.dtype):
+    """s_k (unclipped log-ratio per response), N_k, and the per-token delta and mask.
+
+    Returns (scores [B], n_tokens [B] (sum of mask), delta, mask) with delta zeroed at
+    tokens that do not count, so padding values never leak."""
+    logp = batch.logp.to(dtype)
+    old = logp if batch.old_logp is None else batch.old_logp.to(dtype)
+    mask = torch.ones_like(logp) if batch.mask is None else batch.mask.to(dtype)
+    delta = torch.where(mask != 0, logp - old, torch.zeros_like(logp))
+    n_tokens = sequence_sums(mask, batch.cu_seqlens, batch.n_seqs)
+    summed = sequence_sums(mask * delta, batch.cu_seqlens, batch.n_seqs)
+    if seq_reduce == "mean":
+        scores = summed / torch.where(n_tokens > 0, n_tokens, torch.ones_like(n_tokens))
+    else:
+        scores = summed
+    return scores, n_tokens, delta, mask
+
+
+def target_logits(values: Tensor, valid: Tensor, slots: Tensor, options: LPOOptions) -> Tensor:
+    """phi_k of the spec's target table (divided by tau); 0 for empty responses and for
+    every member of a group whose values are all equal (uniform target)."""
+    n = values.shape[0]
+    v = torch.where(valid, values, torch.zeros_like(values))
+    count = segment_sum(valid.to(values.dtype), slots, n)
+    mean = segment_sum(v, slots, n) / count.clamp(min=1)
+    centered = torch.where(valid, v - mean[slots], torch.zeros_like(v))
+    t = options.target
+    if t == "grpo":
+        var = segment_sum(centered * centered, slots, n) / (count - 1).clamp(min=1)
+        denom = var.sqrt() + options.eps
+        phi = centered / torch.where(denom > 0, denom, torch.ones_like(denom))[slots]
+    elif t == "dr_grpo":
+        phi = centered
+    elif t == "rloo":
+        phi = centered * (count / (count - 1).clamp(min=1))[slots]
+    elif t == "maxrl":
+        denom = mean + options.eps
+        phi = centered / torch.where(denom > 0, denom, torch.ones_like(denom))[slots]
+    else:  # "softmax" (rewards) and "advantages": the values themselves
+        phi = v
+    # Exact test of "all equal": a mean/std computed in floating point is not exactly the
+    # value, so (R - mean)/std could be O(1) noise when eps=0.
+    vmax = segment_amax(torch.where(valid, values, torch.full_like(values, -math.inf)), slots, n)
+    vmin = -segment_amax(torch.where(valid, -values, torch.full_like(values, -math.inf)), slots, n)
+    constant = (vmax == vmin)[slots]
+    return torch.where(valid & ~constant, phi / options.tau, torch.zeros_like(phi))
+
+
+def group_log_softmax(x: Tensor, valid: Tensor, slots: Tensor) -> Tensor:
+    """log softmax of x within each group over its valid members; -inf elsewhere."""
+    n = x.shape[0]
+    neg_inf = torch.full_like(x, -math.inf)
+    group_max = segment_amax(torch.where(valid, x, neg_inf), slots, n)
+    shifted = torch.where(valid, x - group_max[slots], neg_inf)
+    log_norm = segment_sum(torch.exp(shifted), slots, n).log()
+    return torch.where(valid, shifted - log_norm[slots], neg_inf)
+
+
+def divergence_and_coefficients(log_p: Tensor, log_w: Tensor, valid: Tensor, slots: Tensor,
+                                options: LPOOptions):
+    """Per-group D(w* || P) (one value per slot) and per-sequence c_k = dD/ds_k.
+
+    Every c is written as P_k (f_k - sum_j P_j f_j) with f = dD/dP, in a form that stays
+    finite when P and w* differ by hundreds of nats."""
+    n = log_p.shape[0]
+    zero = torch.zeros_like(log_p)
+    p = torch.exp(log_p)  # 0 for invalid
+    w = torch.exp(log_w)
+    lp = torch.where(valid, log_p, zero)  # finite stand-ins, multiplied by 0 where invalid
+    lw = torch.where(valid, log_w, zero)
+    div = options.divergence
+    if div == "forward_kl":
+        terms = w * (lw - lp)
+        coef = p - w
+    elif div == "reverse_kl":
+        d = lp - lw
+        terms = p * d
+        coef = p * (d - segment_sum(terms, slots, n)[slots])
+    elif div == "alpha":
+        a = options.alpha
+        # e_k = w^a p^(1-a) <= 1 (weighted geometric mean), so nothing overflows; each
+        # term e - a w - (1-a) p is <= 0 (AM-GM), so D is a sum of non-negative parts.
+        e = torch.where(valid, torch.exp(a * lw + (1 - a) * lp), zero)
+        terms = (e - a * w - (1 - a) * p) / (a * (a - 1))
+        coef = -(e - p * segment_sum(e, slots, n)[slots]) / a
+    else:  # "js"
+        log_m = torch.logaddexp(lp, lw) - math.log(2.0)
+        f = 0.5 * (lp - log_m)
+        terms = 0.5 * (p * (lp - log_m) + w * (lw - log_m))
+        coef = p * (f - segment_sum(p * f, slots, n)[slots])
+    divergence = segment_sum(torch.where(valid, terms, zero), slots, n)
+    return divergence, torch.where(valid, coef, zero)
+
+
+def clip_masks(delta: Tensor, coef_tok: Tensor, options: LPOOptions):
+    """(clipped_low, clipped_high): tokens whose gradient the clip gate zeroes."""
+    low, high = options.log_ratio_bounds
+    below, above = delta < low, delta > high
+    if options.clip == "clamp":
+        return below, above
+    if options.clip == "ppo":  # only where the token already moved past the bound in c's push
+        return below & (coef_tok > 0), above & (coef_tok < 0)
+    none = torch.zeros_like(below)
+    return none, none
+
+
+class ListwiseResult(NamedTuple):
+    """What every listwise backend computes in its forward.
+
+    ``loss``: the value (scalar, or [U] per group for ``reduction="none"``).
+    ``token_grad``: d loss / d logp, same layout as logp, in the compute dtype; for
+    ``reduction="none"`` the gradient of each group's own loss (backward multiplies it
+    by that group's ``grad_output``).
+    ``token_group``: for ``reduction="none"``, the group slot of each token's sequence
+    (broadcastable to the token layout); None otherwise."""
+
+    loss: Tensor
+    token_grad: Tensor
+    token_group: Tensor | None
+    stats: LPOStats
+
+
+def listwise_forward(batch: ListwiseBatch, options: LPOOptions) -> ListwiseResult:
+    """The listwise step: scores -> group softmax -> target -> divergence -> per-token
+    gradient (spec sections 1-3). Coefficients are constants of the backward."""
+    dtype = compute_dtype(batch.logp.dtype)
+    n = batch.n_seqs
+    device = batch.logp.device
+    scores, n_tokens, delta, mask = sequence_scores(batch, options.seq_reduce, dtype)
+    valid = n_tokens > 0
+    slots = group_slots(batch.group_ids, batch.group_size, n, device)
+
+    log_p = group_log_softmax(scores, valid, slots)
+    values = batch.scores_source.to(dtype)
+    log_w = group_log_softmax(target_logits(values, valid, slots, options), valid, slots)
+    divergence, coef = divergence_and_coefficients(log_p, log_w, valid, slots, options)
+
+    members = segment_sum(valid.to(dtype), slots, n)
+    n_groups = (members > 0).sum()
+    per_group = 1.0 / n_groups.clamp(min=1).to(dtype)
+
+    length = n_tokens if options.seq_reduce == "mean" else torch.ones_like(n_tokens)
+    seq_scale = torch.where(valid, coef / torch.where(valid, length, torch.ones_like(length)),
+                            torch.zeros_like(coef))
+    n_tok = delta.shape[-1] if batch.cu_seqlens is None else delta.shape[0]
+    coef_tok = per_token(coef, batch.cu_seqlens, n_tok)
+    clipped_low, clipped_high = clip_masks(delta, coef_tok, options)
+    gate = ~(clipped_low | clipped_high)
+    token_grad = per_token(seq_scale, batch.cu_seqlens, n_tok) * mask * gate.to(dtype)
+
+    token_group = None
+    if options.reduction == "mean":
+        loss = divergence.sum() * per_group
+        token_grad = token_grad * per_group
+    elif options.reduction == "sum":
+        loss = divergence.sum()
+    else:
+        n_out = n // batch.group_size if batch.group_size is not None else (
+            int(slots.max()) + 1 if n else 0)  # the documented sync of reduction="none"
+        loss = divergence[:n_out]
+        token_group = per_token(slots, batch.cu_seqlens, n_tok)
+
+    counted = mask != 0
+    n_counted = counted.sum()
+    tokens = n_counted.clamp(min=1).to(dtype)
+    entropy_p = -segment_sum(torch.where(valid, torch.exp(log_p) * log_p, torch.zeros_like(log_p)), slots, n)
+    entropy_w = -segment_sum(torch.where(valid, torch.exp(log_w) * log_w, torch.zeros_like(log_w)), slots, n)
+    n_valid = valid.sum()
+    stats = LPOStats(
+        divergence=(divergence.sum() * per_group).detach(),
+        listwise_entropy=(entropy_p.sum() * per_group).detach(),
+        target_entropy=(entropy_w.sum() * per_group).detach(),
+        clip_fraction=((clipped_low | clipped_high) & counted).sum().to(dtype) / tokens,
+        clip_fraction_low=(clipped_low & counted).sum().to(dtype) / tokens,
+        clip_fraction_high=(clipped_high & counted).sum().to(dtype) / tokens,
+        mean_abs_coef=(coef.abs().sum() / n_valid.clamp(min=1).to(dtype)).detach(),
+        n_groups=n_groups,
+        n_seqs=n_valid,
+        n_tokens=n_counted,
+    )
+    return ListwiseResult(loss.detach(), token_grad.detach(), token_group, stats)
+
+
+# --------------------------------------------------------------------------- GRPO
+def grpo_forward(logp: Tensor, old_logp: Tensor | None, mask: Tensor | None, advantages: Tensor,
+                 ref_logp: Tensor | None, options: GRPOOptions):
+    """TRL GRPOTrainer's loss on padded [B, T] log-probs (differentiable through logp).
+
+    ``advantages`` is [B] or [B, T]. Returns (loss, GRPOStats)."""
+    dtype = compute_dtype(logp.dtype)
+    lp = logp.to(dtype)
+    old = lp.detach() if old_logp is None else old_logp.to(dtype)
+    m = torch.ones_like(lp) if mask is None else mask.to(dtype)
+    adv = advantages.to(dtype)
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    counted = m != 0
+    log_ratio = torch.where(counted, lp - old, torch.zeros_like(lp))
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - options.clip_eps_low, 1 + options.clip_eps_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    kl = torch.zeros_like(lp)
+    if ref_logp is not None:
+        ref_delta = torch.where(counted, ref_logp.to(dtype) - lp, torch.zeros_like(lp))
+        kl = torch.exp(ref_delta) - ref_delta - 1
+        if options.beta != 0.0:
+            per_token = per_token + options.beta * kl
+    per_token = torch.where(counted, per_token * m, torch.zeros_like(per_token))
+    tokens = m.sum().clamp(min=1)
+    if options.loss_type == "grpo":
+        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    elif options.loss_type in ("bnpo", "dapo"):  # dapo = bnpo on one process (TRL: global count)
+        loss = per_token.sum() / tokens
+    else:  # dr_grpo
+        length = options.max_completion_length or lp.shape[-1]
+        loss = per_token.sum() / (lp.shape[0] * length)
+    low = (ratio < 1 - options.clip_eps_low) & (adv < 0) & counted
+    high = (ratio > 1 + options.clip_eps_high) & (adv > 0) & counted
+    n_counted = counted.sum()
+    denom = n_counted.clamp(min=1).to(dtype)
+    stats = GRPOStats(
+        kl=((kl * m).sum() / denom).detach(),
+        clip_fraction=((low | high).sum() / denom).detach(),
+        clip_fraction_low=(low.sum() / denom).detach(),
+        clip_fraction_high=(high.sum() / denom).detach(),
+        n_seqs=(m.sum(-1) > 0).sum(),
+        n_tokens=n_counted,
+    )
+    return loss, stats
+
+
+# --------------------------------------------------------------------------- loss head
+def naive_linear_logprobs(hidden: Tensor, weight: Tensor, target_ids: Tensor, *,
+                          bias: Tensor | None = None, temperature: float = 1.0,
+                          return_entropy: bool = False):
+    """The naive loss head: full logits (fp32 for half inputs) -> log-softmax -> gather.
+
+    ``logp[t] = log_softmax((W h_t + b) / T)[target_ids[t]]``; entropy on the tempered
+    logits. Materialises [tokens x vocab]: the path every fused kernel is compared to."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(compute_dtype(logits.dtype)) / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logp, entropy
+
+
+def naive_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=None,
+                          advantages=None, *, bias=None, temperature=1.0, old_logp=None,
+                          **lpo_options):
+    """Naive eager LPO from hidden states: the naive head, then the reference loss."""
+    from .functional import lpo_loss
+
+    logp = naive_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature)
+    return lpo_loss(logp, old_logp, mask, group_ids, rewards, advantages, backend="torch",
+                    **lpo_options)
+
+
+def naive_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
+                           temperature=1.0, old_logp=None, ref_logp=None, **grpo_options):
+    """Naive eager GRPO from hidden states (TRL's path: full logits, fp32 log-softmax)."""
+    from .functional import grpo_loss
+
+    logp = naive_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature)
+    return grpo_loss(logp, old_logp, mask, advantages, ref_logp=ref_logp, **grpo_options)
