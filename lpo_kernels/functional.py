@@ -57,22 +57,25 @@ class AttachTokenGrad(torch.autograd.Function):
     (gathered per group for reduction='none'). The coefficients are constants."""
 
     @staticmethod
-    def forward(ctx, logp, loss, token_grad, token_group):
-        ctx.save_for_backward(token_grad, token_group)
+    def forward(ctx, logp, loss, token_grad, token_group, grad_scale):
+        ctx.save_for_backward(token_grad, token_group, grad_scale)
         ctx.logp_dtype = logp.dtype
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        token_grad, token_group = ctx.saved_tensors
+        token_grad, token_group, grad_scale = ctx.saved_tensors
         scale = grad_loss if token_group is None else grad_loss[token_group]
-        return (scale * token_grad).to(ctx.logp_dtype), None, None, None
+        if grad_scale is not None:
+            scale = scale * grad_scale
+        return (scale * token_grad).to(ctx.logp_dtype), None, None, None, None
 
 
 def attach_token_grad(logp: Tensor, result: reference.ListwiseResult) -> Tensor:
     if not (torch.is_grad_enabled() and logp.requires_grad):
         return result.loss
-    return AttachTokenGrad.apply(logp, result.loss, result.token_grad, result.token_group)
+    return AttachTokenGrad.apply(logp, result.loss, result.token_grad, result.token_group,
+                                 result.grad_scale)
 
 
 def lpo_loss(logp, old_logp, mask, group_ids, rewards=None, advantages=None, *,

@@ -189,12 +189,16 @@ class ListwiseResult(NamedTuple):
     ``reduction="none"`` the gradient of each group's own loss (backward multiplies it
     by that group's ``grad_output``).
     ``token_group``: for ``reduction="none"``, the group slot of each token's sequence
-    (broadcastable to the token layout); None otherwise."""
+    (broadcastable to the token layout); None otherwise.
+    ``grad_scale``: optional 0-dim factor the backward also applies (lets a kernel fold
+    a data-dependent 1/G into the backward instead of a second pass over the tokens); the
+    gradient is ``grad_output * grad_scale * token_grad``."""
 
     loss: Tensor
     token_grad: Tensor
     token_group: Tensor | None
     stats: LPOStats
+    grad_scale: Tensor | None = None
 
 
 def listwise_forward(batch: ListwiseBatch, options: LPOOptions) -> ListwiseResult:
