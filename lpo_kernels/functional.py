@@ -65,6 +65,11 @@ class AttachTokenGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         token_grad, token_group, grad_scale = ctx.saved_tensors
+        if token_group is None and token_grad.is_cuda:  # one launch instead of 2-3
+            from .ops.listwise import scale_token_grad
+
+            return (scale_token_grad(grad_loss, token_grad, grad_scale, ctx.logp_dtype),
+                    None, None, None, None)
         scale = grad_loss if token_group is None else grad_loss[token_group]
         if grad_scale is not None:
             scale = scale * grad_scale

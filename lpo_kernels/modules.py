@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .functional import grpo_loss, lpo_loss
+from .functional import BACKENDS, grpo_loss, lpo_loss
 from .options import GRPOOptions, LPOOptions
 
 
@@ -15,6 +15,8 @@ class LPOLoss(torch.nn.Module):
     def __init__(self, *, group_size=None, backend="auto", validate=None, **options):
         super().__init__()
         LPOOptions(**options)  # fail at construction on a bad option
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.options = dict(options)
         self.group_size = group_size
         self.backend = backend

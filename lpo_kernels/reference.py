@@ -54,7 +54,11 @@ def per_token(values: Tensor, cu_seqlens: Tensor | None, n_tokens: int) -> Tenso
 
 
 def group_slots(group_ids: Tensor | None, group_size: int | None, n_seqs: int, device) -> Tensor:
-    """Dense rank of each sequence's group id, in ascending id order, without a sync."""
+    """Dense rank of each sequence's group id, in ascending id order, without a sync.
+
+    With ``group_size=K`` the groups *are* the row blocks (ids are only labels, checked
+    for consistency when validating): slot = row // K, so reduction='none' returns the
+    groups in row-block order, not ascending-id order."""
     if group_size is not None:
         return torch.arange(n_seqs, device=device) // group_size
     sorted_ids, order = torch.sort(group_ids, stable=True)

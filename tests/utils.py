@@ -21,7 +21,7 @@ def assert_close(actual, expected, *, atol: float, rtol: float, name: str = "ten
     if bad.any():
         worst = torch.argsort(err.masked_fill(~finite, 0).flatten(), descending=True)[:5]
         rows = "\n".join(
-            f"  at {tuple(torch.unravel_index(i, actual.shape)) if actual.dim() else ()}: "
+            f"  at {tuple(torch.unravel_index(torch.tensor(i), actual.shape)) if actual.dim() else ()}: "
             f"actual={actual.flatten()[i].item():.8g} expected={expected.flatten()[i].item():.8g}"
             for i in worst.tolist())
         raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} elements differ "

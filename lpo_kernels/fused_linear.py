@@ -1,0 +1,622 @@
+"""The fused loss head: hidden states x LM head -> LPO (or GRPO) loss and gradients,
+never a [tokens x vocab] tensor.
+
+``logp[t] = log_softmax((h_t W^T + b) / T)[y_t]`` (spec section 4). Tokens are processed
+in chunks; one reused buffer holds a chunk's logits. Per chunk the row kernels
+(``ops/loss_head.py``) give the log-sum-exp, the target log-prob and the entropy, then
+overwrite the logits with d loss / d logits, and two GEMMs give grad-hidden and
+grad-weight. Gradients are formed in the forward; backward only scales them by
+``grad_output`` (the ``_AttachHeadGrads`` Function).
+
+Modes (both exact; the listwise math is ``functional.listwise_forward_impl`` /
+``group_stats`` — never re-derived here):
+
+- ``fast``: chunks hold *whole groups*, so a chunk's listwise coefficients are known as
+  soon as its log-probs are: GEMM, row stats, listwise step, in-place logits-gradient,
+  grad GEMMs. 6·N·H·V FLOPs (the floor). Extra memory: grads + one chunk of logits
+  (``chunk x V`` in the hidden dtype) + O(N) vectors. The per-chunk step runs with
+  ``reduction="sum"``; the 1/G of ``reduction="mean"`` uses the total G of the final
+  whole-batch step and is folded into the backward scale. Padded input with
+  ``group_size`` plans chunks from shapes (no host sync); packed input or bare
+  ``group_ids`` read B-sized metadata once per call (one small host sync) to sort
+  sequences by group and cut on group boundaries. ``low_memory`` never syncs.
+- ``low_memory``: pass 1 over token chunks (``chunk_tokens``, default 1024) computes
+  lse/logp only; the whole-batch listwise step computes every token's gradient; pass 2
+  recomputes each chunk's logits and forms the gradients. 8·N·H·V FLOPs. Extra memory:
+  grads + ``chunk_tokens x V`` whatever the group length.
+
+grad-weight accumulates in fp32 by default (a V x H fp32 buffer, 4·V·H bytes; summed over
+vocabulary slices so no V x H temporary in the weight dtype is made);
+``grad_weight_fp32=False`` accumulates in the weight's dtype (saves 2·V·H bytes for
+bf16, with one rounding per chunk).
+
+``backend``: ``torch`` (plain PyTorch row functions; the default on CPU), ``triton``
+(default on CUDA), ``cuda`` (``lpo_kernels/cuda.py``). The GEMMs are torch (cuBLAS).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .functional import listwise_forward_impl, resolve_backend
+from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_with_group_stats,
+                          lpo_group_stats)
+from .inputs import (InputDTypeError, check_listwise_inputs, check_same_device, check_tensor,
+                     resolve_validate)
+from .ops.loss_head import row_kernels
+from .options import GRPOOptions, LPOOptions
+
+MODES = ("fast", "low_memory")
+DEFAULT_CHUNK_TOKENS = {"fast": 8192, "low_memory": 1024}
+_VOCAB_SLICE = 8192  # rows of grad-weight summed per GEMM when accumulating in fp32
+
+
+class HeadOutputs(NamedTuple):
+    """Detached per-token outputs asked for with ``return_logp`` / ``return_entropy``, in
+    the token layout of the input (``[B, T]`` padded or ``[N]`` packed); None if not asked.
+    fp32 (fp64 for fp64 inputs)."""
+
+    logp: Tensor | None
+    entropy: Tensor | None
+
+
+# --------------------------------------------------------------------------- inputs
+class _Head(NamedTuple):
+    """Checked loss-head tensors, flattened to token rows."""
+
+    hidden: Tensor       # [N, H]
+    weight: Tensor       # [V, H]
+    bias: Tensor | None  # [V]
+    targets: Tensor      # [N] int64
+    token_shape: tuple   # [B, T] or [N]
+    inv_temperature: float
+    backend: str
+    logp_dtype: torch.dtype
+
+
+def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) -> _Head:
+    check_tensor("hidden", hidden, floating=True, dim=2 if packed else 3)
+    check_tensor("weight", weight, floating=True, dim=2)
+    check_tensor("target_ids", target_ids, floating=False, dim=1 if packed else 2)
+    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise InputDTypeError(f"hidden must be fp16, bf16, fp32 or fp64, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise InputDTypeError(f"weight dtype {weight.dtype} != hidden dtype {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one vocabulary row")
+    if target_ids.shape != hidden.shape[:-1]:
+        raise ValueError(f"target_ids shape {tuple(target_ids.shape)} != hidden token shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    if bias is not None:
+        check_tensor("bias", bias, floating=True, dim=1)
+        if bias.shape != weight.shape[:1] or bias.dtype != weight.dtype:
+            raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {weight.dtype}, got "
+                             f"{tuple(bias.shape)} {bias.dtype}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_same_device("hidden", hidden, weight=weight, target_ids=target_ids, bias=bias)
+    backend = resolve_backend(backend, hidden.device)
+    if hidden.dtype == torch.float64 and backend != "torch":
+        raise InputDTypeError(f"fp64 hidden states need backend='torch', got {backend!r}")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return _Head(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
+                 target_ids.reshape(-1).long(), tuple(hidden.shape[:-1]), 1.0 / float(temperature),
+                 backend, reference.compute_dtype(hidden.dtype))
+
+
+def _check_targets_in_vocab(head: _Head, mask: Tensor | None, validate) -> None:
+    """Counted tokens must have a target in [0, V) (host sync: behind ``validate``)."""
+    if not resolve_validate(validate, head.hidden.device):
+        return
+    counted = torch.ones_like(head.targets, dtype=torch.bool) if mask is None else mask.reshape(-1) != 0
+    bad = counted & ((head.targets < 0) | (head.targets >= head.weight.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(f"target_ids of counted tokens must lie in [0, {head.weight.shape[0]})")
+
+
+def _check_chunk_tokens(chunk_tokens, mode) -> int:
+    if chunk_tokens is None:
+        return DEFAULT_CHUNK_TOKENS[mode]
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    return chunk_tokens
+
+
+# --------------------------------------------------------------------------- one chunk
+class _Grads:
+    """Gradient buffers of the head, allocated only for tensors that need them."""
+
+    def __init__(self, head: _Head, hidden_req: bool, weight_req: bool, bias_req: bool,
+                 grad_weight_fp32: bool):
+        w = head.weight
+        self.hidden = torch.empty_like(head.hidden) if hidden_req else None
+        acc = torch.float32 if grad_weight_fp32 and w.dtype != torch.float64 else w.dtype
+        self.weight = torch.zeros(w.shape, dtype=acc, device=w.device) if weight_req else None
+        self.bias = (torch.zeros(w.shape[0], dtype=acc, device=w.device)
+                     if bias_req and head.bias is not None else None)
+
+    def add_chunk(self, grad_logits: Tensor, head: _Head, rows) -> None:
+        """grad_logits [n, V] (overwritten logits) -> grad-hidden rows, += grad-weight/bias."""
+        h = head.hidden[rows]
+        if self.hidden is not None:
+            if isinstance(rows, slice):
+                torch.mm(grad_logits, head.weight, out=self.hidden[rows])
+            else:
+                self.hidden.index_copy_(0, rows, grad_logits @ head.weight)
+        if self.weight is not None:
+            if self.weight.dtype == grad_logits.dtype:
+                self.weight.addmm_(grad_logits.t(), h)
+            else:  # fp32 accumulator, low-precision GEMM: slice the vocabulary so the
+                # temporary is _VOCAB_SLICE x H, not V x H.
+                for v0 in range(0, self.weight.shape[0], _VOCAB_SLICE):
+                    v1 = min(v0 + _VOCAB_SLICE, self.weight.shape[0])
+                    self.weight[v0:v1].add_(grad_logits[:, v0:v1].t() @ h)
+        if self.bias is not None:
+            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
+
+
+def _chunk_logits(buffer: Tensor, head: _Head, rows, n: int) -> Tensor:
+    """One GEMM into the reused buffer: logits = h W^T (+ b) for the chunk's rows."""
+    logits = buffer[:n]
+    h = head.hidden[rows]
+    if head.bias is None:
+        torch.mm(h, head.weight.t(), out=logits)
+    else:
+        torch.addmm(head.bias, h, head.weight.t(), out=logits)
+    return logits
+
+
+def _new_buffer(head: _Head, rows: int) -> Tensor:
+    return torch.empty(max(rows, 1), head.weight.shape[0], dtype=head.hidden.dtype,
+                       device=head.hidden.device)
+
+
+# --------------------------------------------------------------------------- chunk plans
+class _Chunk(NamedTuple):
+    tokens: object          # slice or LongTensor of flat token rows
+    seqs: object            # slice or LongTensor of sequences
+    n_tokens: int
+    cu_seqlens: Tensor | None  # packed offsets of the chunk's sequences (None: padded rows)
+
+
+def _token_chunks(n_tokens: int, chunk_tokens: int) -> list[_Chunk]:
+    """Fixed-size token chunks (from shapes only)."""
+    return [_Chunk(slice(a, min(a + chunk_tokens, n_tokens)), None,
+                   min(a + chunk_tokens, n_tokens) - a, None)
+            for a in range(0, n_tokens, chunk_tokens)]
+
+
+def _group_chunks(batch, token_shape, chunk_tokens: int, device) -> list[_Chunk]:
+    """Chunks of whole groups. Padded + group_size: from shapes. Otherwise one host read
+    of B-sized metadata (sequence lengths and group slots) to cut on group boundaries."""
+    n_seqs = batch.n_seqs
+    if batch.cu_seqlens is None and batch.group_size is not None:
+        seq_len = token_shape[1]
+        per_group = batch.group_size * seq_len
+        groups = max(1, chunk_tokens // max(per_group, 1))
+        step = groups * batch.group_size
+        return [_Chunk(slice(a * seq_len, min(a + step, n_seqs) * seq_len), slice(a, min(a + step, n_seqs)),
+                       (min(a + step, n_seqs) - a) * seq_len, None)
+                for a in range(0, n_seqs, step)]
+    if batch.cu_seqlens is None:
+        offsets = [i * token_shape[1] for i in range(n_seqs + 1)]
+    else:
+        offsets = batch.cu_seqlens.tolist()  # the one host sync of this plan
+    slots = reference.group_slots(batch.group_ids, batch.group_size, n_seqs, device).tolist()
+    members: dict[int, list[int]] = {}
+    for seq, slot in enumerate(slots):
+        members.setdefault(slot, []).append(seq)
+    chunks, current, current_tokens = [], [], 0
+    for slot in sorted(members):
+        seqs = members[slot]
+        size = sum(offsets[s + 1] - offsets[s] for s in seqs)
+        if current and current_tokens + size > chunk_tokens:
+            chunks.append(current)
+            current, current_tokens = [], 0
+        current += seqs
+        current_tokens += size
+    if current:
+        chunks.append(current)
+    plan = []
+    for seqs in chunks:
+        lengths = [offsets[s + 1] - offsets[s] for s in seqs]
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.long)
+        cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
+        n = int(cu[-1])
+        if seqs == list(range(seqs[0], seqs[-1] + 1)):  # contiguous: views, no gathers
+            tokens, seq_index = slice(offsets[seqs[0]], offsets[seqs[-1] + 1]), slice(seqs[0], seqs[-1] + 1)
+        else:
+            tokens = torch.cat([torch.arange(offsets[s], offsets[s + 1]) for s in seqs]).to(device)
+            seq_index = torch.tensor(seqs, dtype=torch.long, device=device)
+        plan.append(_Chunk(tokens, seq_index, n, cu.to(device)))
+    return plan
+
+
+def _chunk_batch(batch, chunk: _Chunk, logp_chunk: Tensor, slots: Tensor | None):
+    """The listwise sub-batch of a whole-group chunk (its sequences only)."""
+    values = batch.scores_source[chunk.seqs]
+    if chunk.cu_seqlens is None:  # padded rows, groups of group_size
+        rows = chunk.seqs
+        seq_len = batch.logp.shape[1]
+        return dataclasses.replace(
+            batch, logp=logp_chunk.view(-1, seq_len),
+            old_logp=None if batch.old_logp is None else batch.old_logp[rows],
+            mask=None if batch.mask is None else batch.mask[rows],
+            group_ids=None if batch.group_ids is None else batch.group_ids[rows],
+            rewards=None if batch.rewards is None else values,
+            advantages=None if batch.advantages is None else values,
+            n_seqs=logp_chunk.numel() // seq_len)
+    flat_old = None if batch.old_logp is None else batch.old_logp.reshape(-1)[chunk.tokens]
+    flat_mask = None if batch.mask is None else batch.mask.reshape(-1)[chunk.tokens]
+    return dataclasses.replace(
+        batch, logp=logp_chunk, old_logp=flat_old, mask=flat_mask,
+        group_ids=slots[chunk.seqs], rewards=None if batch.rewards is None else values,
+        advantages=None if batch.advantages is None else values,
+        cu_seqlens=chunk.cu_seqlens, group_size=None, n_seqs=chunk.cu_seqlens.numel() - 1)
+
+
+# --------------------------------------------------------------------------- autograd
+class _AttachHeadGrads(torch.autograd.Function):
+    """Returns ``loss``; backward hands hidden/weight/bias the gradients formed in the
+    forward, times ``grad_output * scale`` (scale folds 1/G in without another pass)."""
+
+    @staticmethod
+    def forward(ctx, loss, scale, grad_hidden, grad_weight, grad_bias, hidden, weight, bias):
+        ctx.save_for_backward(scale, grad_hidden, grad_weight, grad_bias)
+        ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        scale, gh, gw, gb = ctx.saved_tensors
+        hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
+        s = grad_loss * scale
+        out_h = None if gh is None else _scaled_cast(gh, s, hidden_dtype).view(hidden_shape)
+        out_w = None if gw is None else _scaled_cast(gw, s, weight_dtype)
+        out_b = None if gb is None else _scaled_cast(gb, s, weight_dtype)
+        return None, None, None, None, None, out_h, out_w, out_b
+
+
+def _scaled_cast(grad: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
+    """grad * s in ``dtype``, by vocabulary slices so an fp32 grad-weight never needs a
+    second fp32 V x H temporary (the saved grads stay intact for retain_graph)."""
+    if grad.dtype == dtype:
+        return grad * s.to(dtype)
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    s = s.to(grad.dtype)
+    for v0 in range(0, grad.shape[0], _VOCAB_SLICE):
+        torch.mul(grad[v0:v0 + _VOCAB_SLICE], s, out=out[v0:v0 + _VOCAB_SLICE])
+    return out
+
+
+def _attach(loss, scale, grads: _Grads, hidden, weight, bias):
+    if grads.hidden is None and grads.weight is None and grads.bias is None:
+        return loss
+    return _AttachHeadGrads.apply(loss, scale, grads.hidden, grads.weight, grads.bias,
+                                  hidden, weight, bias)
+
+
+def _needs_grad(*tensors):
+    return [torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors]
+
+
+# --------------------------------------------------------------------------- LPO
+def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=None,
+                          advantages=None, *, bias=None, temperature=1.0, old_logp=None,
+                          group_size=None, cu_seqlens=None, group_stats=None, mode="fast",
+                          chunk_tokens=None, return_logp=False, return_entropy=False,
+                          backend="auto", grad_weight_fp32=True, validate=None, **lpo_options):
+    """LPO loss from hidden states and the LM head, without materialising the logits.
+
+    Args:
+        hidden: ``[B, T, H]`` (with ``mask``/``old_logp``/``target_ids`` ``[B, T]``) or
+            packed ``[N, H]`` with ``cu_seqlens`` (token tensors ``[N]``).
+        weight: LM head ``[V, H]``, same dtype as hidden (bf16/fp16/fp32; fp64 with
+            backend='torch'); ``bias``: optional ``[V]``.
+        target_ids: the sampled tokens (labels already shifted); outside ``[0, V)`` only
+            where ``mask`` is 0.
+        group_ids, rewards, advantages, old_logp, group_size, lpo_options: as
+            :func:`lpo_kernels.lpo_loss` (``target``, ``divergence``, ``clip``, ...).
+            ``reduction`` must be 'mean' or 'sum'.
+        temperature: sampling temperature T: ``logp = log_softmax((h W^T + b)/T)[y]``.
+        group_stats: records of the *other* calls' sequences of split groups
+            (:class:`LPOGroupStats`); the call then returns the whole-batch loss and this
+            call's part of its gradient (see ``lpo_kernels/group_stats.py``).
+        mode: 'fast' (whole-group chunks, 6NHV) or 'low_memory' (two passes, 8NHV).
+        chunk_tokens: tokens per chunk (fast: a target, rounded to whole groups, default
+            8192; low_memory: default 1024).
+        grad_weight_fp32: accumulate grad-weight in fp32 (default) or in weight's dtype.
+
+    Returns ``(loss, stats)``, or ``(loss, stats, HeadOutputs(logp, entropy))`` when
+    ``return_logp`` or ``return_entropy`` is set (detached, input token layout).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    chunk_tokens = _check_chunk_tokens(chunk_tokens, mode)
+    options = LPOOptions(**lpo_options)
+    if options.reduction == "none":
+        raise ValueError("reduction='none' is not supported by the fused loss head (its "
+                         "gradients are formed in the forward); use 'mean' or 'sum'")
+    head = _check_head(hidden, weight, target_ids, bias, temperature, cu_seqlens is not None, backend)
+    logp = torch.zeros(head.token_shape, dtype=head.logp_dtype, device=head.hidden.device)
+    batch = check_listwise_inputs(logp, old_logp, mask, group_ids, rewards, advantages,
+                                  options=options, cu_seqlens=cu_seqlens, group_size=group_size,
+                                  validate=validate)
+    check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, group_ids=group_ids)
+    _check_targets_in_vocab(head, mask, validate)
+    if group_stats is not None:
+        others = check_group_stats(group_stats, hidden.device)
+        if group_ids is None:
+            raise ValueError("group_ids is required with group_stats (ids must name the same "
+                             "prompts in every call)")
+
+        def step(b, o):
+            return listwise_forward_with_group_stats(b, o, others)
+    else:
+        step = listwise_forward_impl(head.backend)
+    row_stats, grad_inplace = row_kernels(head.backend)
+    needs = _needs_grad(hidden, weight, bias)
+    entropy = torch.zeros_like(logp) if return_entropy else None
+    flat_logp = logp.view(-1)
+    flat_entropy = None if entropy is None else entropy.view(-1)
+
+    with torch.no_grad():
+        grads = _Grads(head, *needs, grad_weight_fp32=grad_weight_fp32)
+        want_grad = any(needs)
+        if mode == "fast":
+            plan = _group_chunks(batch, head.token_shape, chunk_tokens, hidden.device)
+            # Group ids of the chunk sub-batches: the real ids with group_stats (they must
+            # match the other calls' records), else dense slots (also when ids are None).
+            slots = batch.group_ids if group_stats is not None else reference.group_slots(
+                batch.group_ids, batch.group_size, batch.n_seqs, hidden.device)
+            chunk_options = dataclasses.replace(options, reduction="sum")
+            buffer = _new_buffer(head, max((c.n_tokens for c in plan), default=1))
+            for chunk in plan:
+                logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
+                targets = head.targets[chunk.tokens]
+                lse, lp, ent = row_stats(logits, targets, head.inv_temperature, return_entropy)
+                flat_logp[chunk.tokens] = lp.to(logp.dtype)
+                if flat_entropy is not None:
+                    flat_entropy[chunk.tokens] = ent.to(logp.dtype)
+                if want_grad:
+                    sub = _chunk_batch(batch, chunk, lp.to(logp.dtype), slots)
+                    chunk_result = step(sub, chunk_options)
+                    token_grad = chunk_result.token_grad.reshape(-1)
+                    if chunk_result.grad_scale is not None:
+                        token_grad = token_grad * chunk_result.grad_scale
+                    grad_inplace(logits, targets, lse, token_grad, head.inv_temperature)
+                    grads.add_chunk(logits, head, chunk.tokens)
+            result = step(batch, options)
+        else:  # low_memory
+            plan = _token_chunks(head.hidden.shape[0], chunk_tokens)
+            buffer = _new_buffer(head, min(chunk_tokens, head.hidden.shape[0]))
+            lse_all = torch.empty(head.hidden.shape[0], dtype=head.logp_dtype, device=hidden.device)
+            for chunk in plan:
+                logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
+                lse, lp, ent = row_stats(logits, head.targets[chunk.tokens], head.inv_temperature,
+                                         return_entropy)
+                lse_all[chunk.tokens], flat_logp[chunk.tokens] = lse, lp
+                if flat_entropy is not None:
+                    flat_entropy[chunk.tokens] = ent
+            result = step(batch, options)
+            if want_grad:
+                token_grad = result.token_grad.reshape(-1)
+                for chunk in plan:
+                    logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
+                    grad_inplace(logits, head.targets[chunk.tokens], lse_all[chunk.tokens],
+                                 token_grad[chunk.tokens], head.inv_temperature)
+                    grads.add_chunk(logits, head, chunk.tokens)
+        if mode == "fast" and options.reduction == "mean":
+            scale = 1.0 / result.stats.n_groups.clamp(min=1).to(result.loss.dtype)
+        elif mode == "low_memory" and result.grad_scale is not None:
+            scale = result.grad_scale.to(result.loss.dtype)  # the backend's deferred factor
+        else:
+            scale = torch.ones((), dtype=result.loss.dtype, device=hidden.device)
+        del buffer
+    loss = _attach(result.loss, scale, grads, hidden, weight, bias)
+    if return_logp or return_entropy:
+        return loss, result.stats, HeadOutputs(logp if return_logp else None, entropy)
+    return loss, result.stats
+
+
+class FusedLinearLPOLoss(torch.nn.Module):
+    """Module form of :func:`fused_linear_lpo_loss`: options at construction
+    (``mode``, ``chunk_tokens``, ``temperature``, ``group_size``, ``backend``,
+    ``grad_weight_fp32``, ``validate`` and the LPO options), tensors at call time."""
+
+    def __init__(self, *, mode="fast", chunk_tokens=None, temperature=1.0, group_size=None,
+                 backend="auto", grad_weight_fp32=True, validate=None, **lpo_options):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_chunk_tokens(chunk_tokens, mode)
+        LPOOptions(**lpo_options)  # fail at construction on a bad option
+        self.head_options = dict(mode=mode, chunk_tokens=chunk_tokens, temperature=temperature,
+                                 group_size=group_size, backend=backend,
+                                 grad_weight_fp32=grad_weight_fp32, validate=validate)
+        self.lpo_options = dict(lpo_options)
+
+    def forward(self, hidden, weight, target_ids, mask, group_ids, rewards=None, advantages=None,
+                *, bias=None, old_logp=None, cu_seqlens=None, group_stats=None,
+                return_logp=False, return_entropy=False):
+        return fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards, advantages,
+                                     bias=bias, old_logp=old_logp, cu_seqlens=cu_seqlens,
+                                     group_stats=group_stats, return_logp=return_logp,
+                                     return_entropy=return_entropy, **self.head_options,
+                                     **self.lpo_options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in {**self.head_options, **self.lpo_options}.items())
+
+
+# --------------------------------------------------------------------------- log-probs
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """Per-token log-probs (+ entropy, not differentiated) in chunks; backward recomputes
+    each chunk's logits (no N x V saved)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head: _Head, chunk_tokens: int, return_entropy: bool,
+                grad_weight_fp32: bool):
+        row_stats, _ = row_kernels(head.backend)
+        n = head.hidden.shape[0]
+        logp = torch.empty(n, dtype=head.logp_dtype, device=hidden.device)
+        lse_all = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if return_entropy else None
+        buffer = _new_buffer(head, min(chunk_tokens, n))
+        for chunk in _token_chunks(n, chunk_tokens):
+            logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
+            lse, lp, ent = row_stats(logits, head.targets[chunk.tokens], head.inv_temperature,
+                                     return_entropy)
+            lse_all[chunk.tokens], logp[chunk.tokens] = lse, lp
+            if return_entropy:
+                entropy[chunk.tokens] = ent
+        ctx.head, ctx.chunk_tokens, ctx.grad_weight_fp32 = head, chunk_tokens, grad_weight_fp32
+        ctx.save_for_backward(lse_all)
+        logp = logp.view(head.token_shape)
+        if return_entropy:
+            entropy = entropy.view(head.token_shape)
+            ctx.mark_non_differentiable(entropy)
+            return logp, entropy
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, *unused):
+        (lse_all,) = ctx.saved_tensors
+        head = ctx.head
+        _, grad_inplace = row_kernels(head.backend)
+        needs = ctx.needs_input_grad[:3]
+        grads = _Grads(head, needs[0], needs[1], needs[2], ctx.grad_weight_fp32)
+        grad_flat = grad_logp.reshape(-1)
+        n = head.hidden.shape[0]
+        buffer = _new_buffer(head, min(ctx.chunk_tokens, n))
+        for chunk in _token_chunks(n, ctx.chunk_tokens):
+            logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
+            grad_inplace(logits, head.targets[chunk.tokens], lse_all[chunk.tokens],
+                         grad_flat[chunk.tokens], head.inv_temperature)
+            grads.add_chunk(logits, head, chunk.tokens)
+        w_dtype = head.weight.dtype
+        return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, -1),
+                None if grads.weight is None else grads.weight.to(w_dtype),
+                None if grads.bias is None else grads.bias.to(w_dtype), None, None, None, None)
+
+
+def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=1.0,
+                          return_entropy=False, chunk_tokens=None, backend="auto",
+                          grad_weight_fp32=True):
+    """``log_softmax((h W^T + b)/T)[target]`` per token without full logits.
+
+    ``hidden`` ``[..., H]``, ``target_ids`` ``[...]``; returns logp ``[...]`` (fp32; fp64
+    for fp64 inputs), differentiable w.r.t. hidden/weight/bias (backward recomputes the
+    logits chunk by chunk), and with ``return_entropy`` also the tempered entropy
+    (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient."""
+    packed = hidden.dim() == 2
+    head = _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) \
+        if hidden.dim() in (2, 3) else None
+    if head is None:
+        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    chunk_tokens = _check_chunk_tokens(chunk_tokens, "low_memory")
+    return _FusedLinearLogprobs.apply(hidden, weight, bias, head, chunk_tokens, return_entropy,
+                                      grad_weight_fp32)
+
+
+@torch.no_grad()
+def fused_linear_lpo_group_stats(hidden, weight, target_ids, mask, group_ids, rewards=None,
+                                 advantages=None, *, bias=None, temperature=1.0, old_logp=None,
+                                 cu_seqlens=None, target="grpo", seq_reduce="mean",
+                                 chunk_tokens=None, backend="auto", validate=None) -> LPOGroupStats:
+    """:func:`lpo_group_stats` from hidden states (one no-grad log-prob pass)."""
+    logp = fused_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
+                                 chunk_tokens=chunk_tokens, backend=backend)
+    return lpo_group_stats(logp, old_logp, mask, group_ids, rewards, advantages,
+                           cu_seqlens=cu_seqlens, target=target, seq_reduce=seq_reduce,
+                           validate=validate)
+
+
+# --------------------------------------------------------------------------- GRPO
+def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
+                           temperature=1.0, old_logp=None, ref_logp=None, chunk_tokens=None,
+                           backend="auto", grad_weight_fp32=True, return_logp=False,
+                           loss_type="grpo", clip_eps_low=0.2, clip_eps_high=0.2, beta=0.0,
+                           max_completion_length=None):
+    """The GRPO baseline (``reference.grpo_forward``, TRL conventions) from padded hidden
+    states ``[B, T, H]``, one pass over chunks of whole rows (6·N·H·V).
+
+    GRPO's per-token gradient depends on its own token only, up to the loss type's
+    normaliser: each chunk's gradient comes from ``grpo_forward`` on the chunk's rows,
+    rescaled from the chunk's normaliser to the batch's (rows for grpo/dr_grpo, counted
+    tokens for bnpo/dapo). Returns ``(loss, stats)`` (+ ``logp`` when asked)."""
+    options = GRPOOptions(loss_type=loss_type, clip_eps_low=clip_eps_low,
+                          clip_eps_high=clip_eps_high, beta=beta,
+                          max_completion_length=max_completion_length)
+    head = _check_head(hidden, weight, target_ids, bias, temperature, False, backend)
+    n_rows, seq_len = head.token_shape
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
+        if x is not None:
+            check_tensor(name, x, floating=None if name == "mask" else True)
+            if tuple(x.shape) != head.token_shape:
+                raise ValueError(f"{name} shape {tuple(x.shape)} != token shape {head.token_shape}")
+    check_tensor("advantages", advantages, dim=(1, 2))
+    if tuple(advantages.shape) not in ((n_rows,), head.token_shape):
+        raise ValueError(f"advantages must be [B] or [B, T] = {head.token_shape}, got {tuple(advantages.shape)}")
+    if options.beta > 0 and ref_logp is None:
+        raise ValueError("beta > 0 needs ref_logp")
+    check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
+                      advantages=advantages)
+    _check_targets_in_vocab(head, mask, None)
+    chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
+    rows_per_chunk = max(1, chunk_tokens // max(seq_len, 1))
+    row_stats, grad_inplace = row_kernels(head.backend)
+    needs = _needs_grad(hidden, weight, bias)
+    logp = torch.zeros(head.token_shape, dtype=head.logp_dtype, device=hidden.device)
+    counted = (torch.ones(head.token_shape, device=hidden.device) if mask is None
+               else (mask != 0).to(head.logp_dtype))
+    total_tokens = counted.sum().clamp(min=1)
+
+    def rows_of(x, a, b):
+        return None if x is None else x[a:b]
+
+    with torch.no_grad():
+        grads = _Grads(head, *needs, grad_weight_fp32=grad_weight_fp32)
+        buffer = _new_buffer(head, min(rows_per_chunk, n_rows) * seq_len)
+        for a in range(0, n_rows, rows_per_chunk):
+            b = min(a + rows_per_chunk, n_rows)
+            tokens = slice(a * seq_len, b * seq_len)
+            logits = _chunk_logits(buffer, head, tokens, (b - a) * seq_len)
+            targets = head.targets[tokens]
+            lse, lp, _ = row_stats(logits, targets, head.inv_temperature, False)
+            logp.view(-1)[tokens] = lp.to(logp.dtype)
+            if not any(needs):
+                continue
+            with torch.enable_grad():
+                leaf = lp.to(logp.dtype).view(b - a, seq_len).requires_grad_()
+                chunk_loss, _ = reference.grpo_forward(
+                    leaf, rows_of(old_logp, a, b), rows_of(mask, a, b), advantages[a:b],
+                    rows_of(ref_logp, a, b), options)
+                (token_grad,) = torch.autograd.grad(chunk_loss, leaf)
+            if options.loss_type in ("bnpo", "dapo"):
+                token_grad = token_grad * (counted[a:b].sum().clamp(min=1) / total_tokens)
+            else:  # grpo, dr_grpo: normalised by the number of rows
+                token_grad = token_grad * ((b - a) / n_rows)
+            grad_inplace(logits, targets, lse, token_grad.reshape(-1), head.inv_temperature)
+            grads.add_chunk(logits, head, tokens)
+        loss, stats = reference.grpo_forward(logp, old_logp, mask, advantages, ref_logp, options)
+        del buffer
+    scale = torch.ones((), dtype=loss.dtype, device=hidden.device)
+    loss = _attach(loss.detach(), scale, grads, hidden, weight, bias)
+    return (loss, stats, logp) if return_logp else (loss, stats)
+
+
+__all__ = ["fused_linear_lpo_loss", "FusedLinearLPOLoss", "fused_linear_logprobs",
+           "fused_linear_grpo_loss", "fused_linear_lpo_group_stats", "HeadOutputs", "MODES"]

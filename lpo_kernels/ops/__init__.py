@@ -1,0 +1,1 @@
+"""Triton ops: one file per op (kernels, launchers and entry point together)."""
