@@ -1,0 +1,330 @@
+"""LPOTrainer against a real TRL GRPOTrainer run on the CPU: a tiny random Llama, a local
+word-level tokenizer, a toy reward; no downloads (HF_HUB_OFFLINE=1)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+tokenizers = pytest.importorskip("tokenizers")
+
+from lpo_kernels import lpo_loss  # noqa: E402
+from lpo_kernels.integrations.trl import (  # noqa: E402
+    LPOConfig, LPOTrainer, group_shuffle_permutation, lpo_options_from_args)
+from tests.utils import assert_close  # noqa: E402
+
+WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(29)]
+K = 4  # num_generations
+
+
+def make_tokenizer():
+    vocab = {word: i for i, word in enumerate(WORDS)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                                eos_token="<eos>", unk_token="<unk>")
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+        eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config)
+
+
+def toy_reward(completions, **kwargs):
+    """Counts of 'w3' plus a length bonus: varied, finite rewards."""
+    return [float(text.count("w3")) + 0.1 * len(text.split()) for text in completions]
+
+
+def make_trainer(tmp_path, trainer_cls=LPOTrainer, config_cls=LPOConfig, **overrides):
+    dataset = datasets.Dataset.from_dict({"prompt": [f"w{i} w{i + 1} w{i + 2}" for i in range(16)]})
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=2 * K, num_generations=K,
+                    max_completion_length=6, max_steps=2, learning_rate=1e-2, logging_steps=1,
+                    report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
+                    temperature=1.3)
+    settings.update(overrides)
+    model = make_model()
+    if settings.get("beta", 0.0) > 0:  # TRL builds the reference model from a path: a local one
+        model.save_pretrained(tmp_path / "tiny-llama")
+        model = str(tmp_path / "tiny-llama")
+    return trainer_cls(model=model, reward_funcs=toy_reward, args=config_cls(**settings),
+                       train_dataset=dataset, processing_class=make_tokenizer())
+
+
+def run_and_check(trainer):
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == trainer.args.max_steps
+    for entry in logs:
+        assert math.isfinite(entry["loss"]) and math.isfinite(entry["grad_norm"])
+        for name in ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+            assert math.isfinite(entry[name]), name
+    changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(before[name], p)]
+    assert "lm_head.weight" in changed and len(changed) >= len(before) // 2
+    return logs
+
+
+@pytest.mark.parametrize("head", ["lpo", "trl"])
+def test_lpo_trainer_trains(tmp_path, head):
+    if head == "lpo":  # steps_per_generation > accumulation: off-policy micro-batches too
+        trainer = make_trainer(tmp_path, lpo_head=head, per_device_train_batch_size=2 * K,
+                               steps_per_generation=2, max_steps=3)
+    else:
+        trainer = make_trainer(tmp_path, lpo_head=head, lpo_divergence="reverse_kl")
+    assert trainer.lpo_head == head
+    logs = run_and_check(trainer)
+    for entry in logs:
+        for name in ("lpo/divergence", "lpo/listwise_entropy", "lpo/target_entropy", "lpo/mean_abs_coef"):
+            assert math.isfinite(entry[name]), name
+        assert entry["lpo/n_groups"] == 2  # per micro-batch: 2 whole groups of K
+        assert entry["lpo/divergence"] > 0  # random rewards: target is not uniform
+
+
+def test_lpo_trainer_off_policy_with_kl_and_accumulation(tmp_path):
+    """steps_per_generation > grad accumulation makes TRL compute old_per_token_logps (off-policy
+    micro-batches); beta > 0 adds the reference KL and TRL's `kl` metric."""
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=K, gradient_accumulation_steps=2,
+                           steps_per_generation=4, beta=0.05, lpo_target="advantages",
+                           lpo_clip="ppo", max_steps=3)
+    assert trainer.lpo_head == "trl"  # auto: the KL term needs differentiable log-probs
+    logs = run_and_check(trainer)
+    assert all(math.isfinite(entry["kl"]) and entry["kl"] >= 0 for entry in logs)
+
+
+def test_plain_grpo_trainer_same_setup(tmp_path):
+    """The same tiny run through TRL's own GRPO loss: the wiring the LPO run is compared to."""
+    trainer = make_trainer(tmp_path, trainer_cls=trl.GRPOTrainer, config_cls=trl.GRPOConfig)
+    run_and_check(trainer)
+
+
+def test_batches_hold_whole_groups_with_their_rewards(tmp_path):
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=K, steps_per_generation=4)
+    trainer.model.train()
+    generation_batch = next(iter(trainer.get_train_dataloader()))
+    tokenizer = trainer.processing_class
+    seen_groups = []
+    for step in range(4):
+        trainer._step = step
+        inputs = trainer._prepare_inputs(generation_batch)
+        group_ids = inputs["lpo_group_ids"]
+        assert group_ids.shape == (K,) and torch.all(group_ids == group_ids[0])  # one whole group
+        seen_groups.append(int(group_ids[0]))
+        assert torch.all(inputs["prompt_ids"] == inputs["prompt_ids"][:1])  # same prompt
+        texts = tokenizer.batch_decode(inputs["completion_ids"] * inputs["completion_mask"], skip_special_tokens=True)
+        assert_close(inputs["lpo_rewards"], torch.tensor(toy_reward(texts)), atol=1e-6, rtol=0, name="rewards")
+        rewards = inputs["lpo_rewards"]
+        expected_adv = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+        assert_close(inputs["advantages"], expected_adv, atol=1e-5, rtol=1e-5, name="advantages")
+    assert sorted(seen_groups) == list(range(4))
+
+
+def test_group_shuffle_permutation_keeps_groups_together():
+    torch.manual_seed(1)
+    group_ids = torch.tensor([5, 5, 5, 2, 2, 9, 9, 9, 9, 0])
+    perm = group_shuffle_permutation(group_ids)
+    assert sorted(perm.tolist()) == list(range(10))
+    shuffled = group_ids[perm]
+    runs = torch.unique_consecutive(shuffled)
+    assert sorted(runs.tolist()) == [0, 2, 5, 9]  # every group one contiguous run
+
+
+def test_loss_matches_lpo_loss_and_heads_agree(tmp_path):
+    """One micro-batch: the trainer's loss and lm_head gradient equal lpo_loss (fp64) on
+    log-probs from the model's full tempered logits, for both heads."""
+    trainer = make_trainer(tmp_path, lpo_head="lpo", lpo_clip="none", lpo_divergence="js", bf16=False)
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model = trainer.model
+    # Off-policy: perturb old log-probs so the listwise distribution is not uniform.
+    completion_ids, mask = inputs["completion_ids"], inputs["completion_mask"]
+    inputs["old_per_token_logps"] = -2.0 + 0.3 * torch.randn(completion_ids.shape, generator=torch.Generator().manual_seed(3))
+
+    def reference_loss_and_grad():
+        model.zero_grad()
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], 1)
+        attention = torch.cat([inputs["prompt_mask"], mask], 1)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, -completion_ids.size(1) - 1:-1]
+        logp = torch.log_softmax(logits.double() / trainer.temperature, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        loss, _ = lpo_loss(logp, inputs["old_per_token_logps"].double(), mask, inputs["lpo_group_ids"],
+                           inputs["lpo_rewards"].double(), **lpo_options_from_args(trainer.args))
+        loss.backward()
+        return loss.detach().float(), model.lm_head.weight.grad.clone()
+
+    expected_loss, expected_grad = reference_loss_and_grad()
+    assert expected_loss > 0
+    trainer.current_gradient_accumulation_steps = 2  # set by the training loop; the loss is divided by it
+    for head in ("lpo", "trl"):
+        trainer.lpo_head = head
+        model.zero_grad()
+        loss = trainer.compute_loss(model, inputs) * 2
+        loss.backward()
+        # fp32 (bf16=False: TRL's default autocasts to bf16 on the CPU too)
+        slack = 1e-5
+        assert_close(loss.detach(), expected_loss, atol=slack * float(expected_loss), rtol=1e-5, name=f"{head} loss")
+        assert_close(model.lm_head.weight.grad, expected_grad, atol=slack * float(expected_grad.abs().max()),
+                     rtol=1e-4, name=f"{head} grad")
+
+
+def full_logits_reference(trainer, batches):
+    """fp64 lpo_loss over the union of micro-batches, log-probs from the model's full logits."""
+    model = trainer.model
+    cat = {key: torch.cat([b[key] for b in batches]) for key in
+           ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_per_token_logps",
+            "lpo_group_ids", "lpo_rewards")}
+    completion_ids, mask = cat["completion_ids"], cat["completion_mask"]
+    model.zero_grad()
+    input_ids = torch.cat([cat["prompt_ids"], completion_ids], 1)
+    attention = torch.cat([cat["prompt_mask"], mask], 1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, -completion_ids.size(1) - 1:-1]
+    logp = torch.log_softmax(logits.double() / trainer.temperature, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    loss, _ = lpo_loss(logp, cat["old_per_token_logps"].double(), mask, cat["lpo_group_ids"],
+                       cat["lpo_rewards"].double(), **lpo_options_from_args(trainer.args))
+    loss.backward()
+    return loss.detach().float(), model.lm_head.weight.grad.clone()
+
+
+@pytest.mark.parametrize("head", ["lpo", "trl"])
+def test_split_groups_use_the_group_stats_pre_pass(tmp_path, head):
+    """per_device_train_batch_size=6 with groups of 4: groups straddle micro-batches. With the
+    pre-pass, the accumulated gradient equals the whole step's gradient."""
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=6, gradient_accumulation_steps=2,
+                           steps_per_generation=2, lpo_head=head,
+                           lpo_divergence="reverse_kl", lpo_clip="none", bf16=False)
+    assert trainer.lpo_groups == "stats"
+    trainer.model.train()
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))  # generate, split in 2
+    batches = trainer._buffered_inputs
+    shared = set(batches[0]["lpo_group_ids"].tolist()) & set(batches[1]["lpo_group_ids"].tolist())
+    assert shared  # 6 rows per micro-batch, groups of 4: some group is split
+    gen = torch.Generator().manual_seed(4)
+    for batch in batches:  # off-policy, so the listwise distribution is not uniform
+        batch["old_per_token_logps"] = -2.0 + 0.3 * torch.randn(batch["completion_ids"].shape, generator=gen)
+    expected_loss, expected_grad = full_logits_reference(trainer, batches)
+    others = trainer._group_stats_pre_pass(trainer.model, batches)
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.model.zero_grad()
+    for batch, other in zip(batches, others):
+        loss = trainer.compute_loss(trainer.model, {**batch, "lpo_group_stats": other})
+        assert_close(loss.detach() * 2, expected_loss, atol=1e-5 * float(expected_loss), rtol=1e-5, name="loss")
+        loss.backward()
+    slack = 1e-5
+    assert_close(trainer.model.lm_head.weight.grad, expected_grad, atol=slack * float(expected_grad.abs().max()),
+                 rtol=1e-4, name="grad")
+
+
+def test_split_groups_training_run(tmp_path):
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                           steps_per_generation=4, lpo_head="lpo", max_steps=2)
+    assert trainer.lpo_groups == "stats"
+    run_and_check(trainer)
+
+
+def test_bad_configs_raise(tmp_path):
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        make_trainer(tmp_path, per_device_train_batch_size=6, steps_per_generation=2, lpo_groups="whole")
+    with pytest.raises(ValueError, match="steps_per_generation"):
+        make_trainer(tmp_path, per_device_train_batch_size=K, gradient_accumulation_steps=2,
+                     steps_per_generation=3, lpo_groups="stats")
+    with pytest.raises(ValueError, match="divergence"):
+        make_trainer(tmp_path, lpo_divergence="kl")
+    with pytest.raises(ValueError, match="lpo_head"):
+        make_trainer(tmp_path, lpo_head="liger")
+    with pytest.raises(ValueError, match="beta"):
+        make_trainer(tmp_path, lpo_head="lpo", beta=0.1)
+
+
+def test_plain_grpo_config_with_lpo_options(tmp_path):
+    trainer = make_trainer(tmp_path, config_cls=trl.GRPOConfig, epsilon=0.1, epsilon_high=0.3)
+    assert trainer.lpo_options["divergence"] == "forward_kl"
+    trainer = LPOTrainer(model=make_model(), reward_funcs=toy_reward, args=trainer.args,
+                         train_dataset=trainer.train_dataset, processing_class=make_tokenizer(),
+                         lpo_options={"divergence": "alpha", "alpha": 0.3, "target": "dr_grpo"})
+    assert trainer.lpo_options == dict(divergence="alpha", alpha=0.3, target="dr_grpo", tau=1.0, eps=1e-6,
+                                       seq_reduce="mean", clip="clamp", clip_eps_low=0.1, clip_eps_high=0.3)
+    with pytest.raises(ValueError, match="reduction"):
+        lpo_options_from_args(trainer.args, {"reduction": "sum"})
+    with pytest.raises(ValueError, match="alpha"):
+        lpo_options_from_args(trainer.args, {"divergence": "alpha", "alpha": 1.5})
+
+
+def _ddp_worker():
+    """One rank of test_two_processes_groups_split_across_ranks (run as a subprocess)."""
+    import json
+    import pathlib
+
+    import torch.distributed as dist
+
+    out, rank = pathlib.Path(os.environ["LPO_TEST_OUT"]), int(os.environ["RANK"])
+    # per-rank generation batch of 6 rows, groups of 4: a group straddles the two ranks
+    settings = dict(per_device_train_batch_size=6, gradient_accumulation_steps=1, steps_per_generation=1,
+                    lpo_clip="none", bf16=False, max_steps=2)
+    trainer = make_trainer(out / f"exact{rank}", lpo_head=os.environ["LPO_TEST_HEAD"], **settings)
+    assert trainer.accelerator.num_processes == 2 and trainer.lpo_groups == "stats"
+    trainer.model.train()
+    model = trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)  # DDP (gloo)
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch = trainer._buffered_inputs[0]
+    batch["old_per_token_logps"] = -2.0 + 0.3 * torch.randn(batch["completion_ids"].shape,
+                                                            generator=torch.Generator().manual_seed(10 + rank))
+    others = trainer._group_stats_pre_pass(model, [batch])[0]  # all-gathers the other rank's records
+    trainer.current_gradient_accumulation_steps = 1
+    model.zero_grad()
+    loss = trainer.compute_loss(model, {**batch, "lpo_group_stats": others})
+    loss.backward()  # DDP averages the two ranks' shares
+    grad = trainer.model.lm_head.weight.grad.clone()
+    both = [None, None]
+    keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "old_per_token_logps",
+            "lpo_group_ids", "lpo_rewards")
+    dist.all_gather_object(both, {key: batch[key] for key in keys})
+    expected_loss, expected_grad = full_logits_reference(trainer, both)
+    result = dict(split=bool(set(both[0]["lpo_group_ids"].tolist()) & set(both[1]["lpo_group_ids"].tolist())),
+                  loss=float(loss.detach()), expected_loss=float(expected_loss),
+                  grad_err=float((grad - expected_grad).abs().max()), grad_max=float(expected_grad.abs().max()))
+    # and a real two-step run in the same setting
+    trainer = make_trainer(out / f"run{rank}", lpo_head=os.environ["LPO_TEST_HEAD"], **settings)
+    trainer.train()
+    result["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    result["param_sum"] = float(sum(p.double().sum() for p in trainer.model.parameters()))
+    (out / f"result{rank}.json").write_text(json.dumps(result))
+
+
+def test_two_processes_groups_split_across_ranks(tmp_path):
+    """Two CPU processes (gloo DDP), groups split across ranks: the stats pre-pass all-gathers
+    the other rank's records and the DDP-averaged gradient equals the single-process gradient
+    of the whole batch; a two-step run stays finite and in sync."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               OMP_NUM_THREADS="1", LPO_TEST_OUT=str(tmp_path), LPO_TEST_HEAD="lpo", PYTHONPATH=root)
+    procs = [subprocess.Popen([sys.executable, "-c", "import tests.test_integration_trl as t; t._ddp_worker()"],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-3000:]
+    results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["split"]
+        assert result["loss"] == pytest.approx(result["expected_loss"], rel=1e-5)
+        assert result["grad_err"] <= 1e-5 * result["grad_max"]
+        assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
+    assert results[0]["param_sum"] == results[1]["param_sum"]  # DDP kept the ranks in sync
