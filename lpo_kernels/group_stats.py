@@ -34,10 +34,8 @@ from torch import Tensor
 
 from .inputs import ListwiseBatch, check_listwise_inputs
 from .options import LPOOptions
-from .reference import (ListwiseResult, clip_masks, compute_dtype, divergence_and_coefficients,
-                        group_log_softmax, group_slots, per_token, segment_sum,
-                        sequence_scores, target_logits)
-from .stats import LPOStats
+from .reference import (ListwiseResult, compute_dtype, group_slots, listwise_from_scores,
+                        sequence_scores)
 
 
 @dataclass(frozen=True)
@@ -126,57 +124,12 @@ def listwise_forward_with_group_stats(batch: ListwiseBatch, options: LPOOptions,
     dtype = compute_dtype(batch.logp.dtype)
     own = _batch_records(batch, options.seq_reduce)
     _, _, delta, mask = sequence_scores(batch, options.seq_reduce, dtype)
-    b = batch.n_seqs
     ids = torch.cat([own.group_ids, others.group_ids.long()])
     scores = torch.cat([own.scores, others.scores.to(dtype)])
     values = torch.cat([own.values, others.values.to(dtype)])
     n_tokens = torch.cat([own.n_tokens, others.n_tokens.to(dtype)])
-    n = ids.shape[0]
-    valid = n_tokens > 0
-    slots = group_slots(ids, None, n, ids.device)
-
-    log_p = group_log_softmax(scores, valid, slots)
-    log_w = group_log_softmax(target_logits(values, valid, slots, options), valid, slots)
-    divergence, coef = divergence_and_coefficients(log_p, log_w, valid, slots, options)
-    members = segment_sum(valid.to(dtype), slots, n)
-    n_groups = (members > 0).sum()
-    per_group = 1.0 / n_groups.clamp(min=1).to(dtype)
-
-    own_coef, own_valid, own_n = coef[:b], valid[:b], n_tokens[:b]
-    length = own_n if options.seq_reduce == "mean" else torch.ones_like(own_n)
-    seq_scale = torch.where(own_valid, own_coef / torch.where(own_valid, length, torch.ones_like(length)),
-                            torch.zeros_like(own_coef))
-    n_tok = delta.shape[-1] if batch.cu_seqlens is None else delta.shape[0]
-    coef_tok = per_token(own_coef, batch.cu_seqlens, n_tok)
-    clipped_low, clipped_high = clip_masks(delta, coef_tok, options)
-    gate = ~(clipped_low | clipped_high)
-    token_grad = per_token(seq_scale, batch.cu_seqlens, n_tok) * mask * gate.to(dtype)
-    if options.reduction == "mean":
-        loss = divergence.sum() * per_group
-        token_grad = token_grad * per_group
-    else:
-        loss = divergence.sum()
-
-    counted = mask != 0
-    n_counted = counted.sum()
-    tokens = n_counted.clamp(min=1).to(dtype)
-    zero = torch.zeros_like(log_p)
-    entropy_p = -torch.where(valid, torch.exp(log_p) * log_p, zero).sum()
-    entropy_w = -torch.where(valid, torch.exp(log_w) * log_w, zero).sum()
-    n_valid = own_valid.sum()
-    stats = LPOStats(
-        divergence=divergence.sum() * per_group,
-        listwise_entropy=entropy_p * per_group,
-        target_entropy=entropy_w * per_group,
-        clip_fraction=((clipped_low | clipped_high) & counted).sum().to(dtype) / tokens,
-        clip_fraction_low=(clipped_low & counted).sum().to(dtype) / tokens,
-        clip_fraction_high=(clipped_high & counted).sum().to(dtype) / tokens,
-        mean_abs_coef=own_coef.abs().sum() / n_valid.clamp(min=1).to(dtype),
-        n_groups=n_groups,
-        n_seqs=n_valid,
-        n_tokens=n_counted,
-    )
-    return ListwiseResult(loss.detach(), token_grad.detach(), None, stats)
+    slots = group_slots(ids, None, ids.shape[0], ids.device)
+    return listwise_from_scores(batch, options, scores, n_tokens, values, slots, delta, mask)
 
 
 def lpo_loss_with_group_stats(logp, old_logp, mask, group_ids, rewards=None, advantages=None, *,

@@ -209,14 +209,25 @@ def listwise_forward(batch: ListwiseBatch, options: LPOOptions) -> ListwiseResul
     """The listwise step: scores -> group softmax -> target -> divergence -> per-token
     gradient (spec sections 1-3). Coefficients are constants of the backward."""
     dtype = compute_dtype(batch.logp.dtype)
-    n = batch.n_seqs
-    device = batch.logp.device
     scores, n_tokens, delta, mask = sequence_scores(batch, options.seq_reduce, dtype)
-    valid = n_tokens > 0
-    slots = group_slots(batch.group_ids, batch.group_size, n, device)
+    slots = group_slots(batch.group_ids, batch.group_size, batch.n_seqs, batch.logp.device)
+    return listwise_from_scores(batch, options, scores, n_tokens, batch.scores_source.to(dtype),
+                                slots, delta, mask)
 
+
+def listwise_from_scores(batch: ListwiseBatch, options: LPOOptions, scores: Tensor,
+                         n_tokens: Tensor, values: Tensor, slots: Tensor, delta: Tensor,
+                         mask: Tensor) -> ListwiseResult:
+    """The listwise step from per-sequence scores, lengths, target values and group slots.
+
+    The first ``batch.n_seqs`` sequences are the batch's own (their tokens get the
+    gradient, per ``delta``/``mask``); any further ones are the same groups' members seen
+    by other calls (``group_stats.py``): they shape P, w* and the loss, and get no gradient
+    here. Stats about tokens and sequences count the batch's own only."""
+    dtype = scores.dtype
+    n, own = scores.shape[0], batch.n_seqs
+    valid = n_tokens > 0
     log_p = group_log_softmax(scores, valid, slots)
-    values = batch.scores_source.to(dtype)
     log_w = group_log_softmax(target_logits(values, valid, slots, options), valid, slots)
     divergence, coef = divergence_and_coefficients(log_p, log_w, valid, slots, options)
 
@@ -224,11 +235,12 @@ def listwise_forward(batch: ListwiseBatch, options: LPOOptions) -> ListwiseResul
     n_groups = (members > 0).sum()
     per_group = 1.0 / n_groups.clamp(min=1).to(dtype)
 
-    length = n_tokens if options.seq_reduce == "mean" else torch.ones_like(n_tokens)
-    seq_scale = torch.where(valid, coef / torch.where(valid, length, torch.ones_like(length)),
-                            torch.zeros_like(coef))
+    own_coef, own_valid, own_n = coef[:own], valid[:own], n_tokens[:own]
+    length = own_n if options.seq_reduce == "mean" else torch.ones_like(own_n)
+    seq_scale = torch.where(own_valid, own_coef / torch.where(own_valid, length, torch.ones_like(length)),
+                            torch.zeros_like(own_coef))
     n_tok = delta.shape[-1] if batch.cu_seqlens is None else delta.shape[0]
-    coef_tok = per_token(coef, batch.cu_seqlens, n_tok)
+    coef_tok = per_token(own_coef, batch.cu_seqlens, n_tok)
     clipped_low, clipped_high = clip_masks(delta, coef_tok, options)
     gate = ~(clipped_low | clipped_high)
     token_grad = per_token(seq_scale, batch.cu_seqlens, n_tok) * mask * gate.to(dtype)
@@ -240,6 +252,8 @@ def listwise_forward(batch: ListwiseBatch, options: LPOOptions) -> ListwiseResul
     elif options.reduction == "sum":
         loss = divergence.sum()
     else:
+        if n != own:
+            raise ValueError("reduction='none' is not supported with group_stats")
         n_out = n // batch.group_size if batch.group_size is not None else (
             int(slots.max()) + 1 if n else 0)  # the documented sync of reduction="none"
         loss = divergence[:n_out]
@@ -248,17 +262,18 @@ def listwise_forward(batch: ListwiseBatch, options: LPOOptions) -> ListwiseResul
     counted = mask != 0
     n_counted = counted.sum()
     tokens = n_counted.clamp(min=1).to(dtype)
-    entropy_p = -segment_sum(torch.where(valid, torch.exp(log_p) * log_p, torch.zeros_like(log_p)), slots, n)
-    entropy_w = -segment_sum(torch.where(valid, torch.exp(log_w) * log_w, torch.zeros_like(log_w)), slots, n)
-    n_valid = valid.sum()
+    zero = torch.zeros_like(log_p)
+    entropy_p = -torch.where(valid, torch.exp(log_p) * log_p, zero).sum()
+    entropy_w = -torch.where(valid, torch.exp(log_w) * log_w, zero).sum()
+    n_valid = own_valid.sum()
     stats = LPOStats(
         divergence=(divergence.sum() * per_group).detach(),
-        listwise_entropy=(entropy_p.sum() * per_group).detach(),
-        target_entropy=(entropy_w.sum() * per_group).detach(),
+        listwise_entropy=(entropy_p * per_group).detach(),
+        target_entropy=(entropy_w * per_group).detach(),
         clip_fraction=((clipped_low | clipped_high) & counted).sum().to(dtype) / tokens,
         clip_fraction_low=(clipped_low & counted).sum().to(dtype) / tokens,
         clip_fraction_high=(clipped_high & counted).sum().to(dtype) / tokens,
-        mean_abs_coef=(coef.abs().sum() / n_valid.clamp(min=1).to(dtype)).detach(),
+        mean_abs_coef=(own_coef.abs().sum() / n_valid.clamp(min=1).to(dtype)).detach(),
         n_groups=n_groups,
         n_seqs=n_valid,
         n_tokens=n_counted,
