@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu_check}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
-TOTAL="${GPU_CHECK_TOTAL_S:-460}"
+TOTAL="${GPU_CHECK_TOTAL_S:-500}"
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 : >"$LOG"
@@ -86,7 +86,7 @@ fi
 : >"$OUT/tests.log"
 if [ -z "${SKIP_TESTS:-}" ]; then
   say "GPU-only tests: pytest -m gpu tests/ (log: tests.log)"
-  timeout -k 5 "$(limit 100 300)" python3 -m pytest -q -m gpu tests/ -p no:cacheprovider \
+  timeout -k 5 "$(limit 150 300)" python3 -m pytest -q -rf -m gpu tests/ -p no:cacheprovider \
     >>"$OUT/tests.log" 2>&1
   rc=$?
   say "tests rc=$rc (0 pass, 1 failures, 5 none collected, 124 timeout); last lines:"
