@@ -7,6 +7,7 @@
 #   BENCH_ARGS="--quick" bash benchmarks/gpu_check.sh
 #   SKIP_WHEELS=1 SKIP_BUILD=1 SKIP_TESTS=1 # leave steps out
 #   LPO_CUDA_BUILD="cmd"                    # another build command for csrc/
+#   GPU_TESTS="tests/test_x.py ..."         # which GPU tests to run (default: tests/)
 #
 # Files written (7, for the device tool's 8-file limit): gpu_check.log, build.log,
 # tests.log, bench.csv, bench.md, time_vs_n.png, memory_vs_n.png. A method that kills the
@@ -86,7 +87,7 @@ fi
 : >"$OUT/tests.log"
 if [ -z "${SKIP_TESTS:-}" ]; then
   say "GPU-only tests: pytest -m gpu tests/ (log: tests.log)"
-  timeout -k 5 "$(limit 150 300)" python3 -m pytest -q -rf -m gpu tests/ -p no:cacheprovider \
+  timeout -k 5 "$(limit 150 300)" python3 -m pytest -q -rf -m gpu ${GPU_TESTS:-tests/} -p no:cacheprovider \
     >>"$OUT/tests.log" 2>&1
   rc=$?
   say "tests rc=$rc (0 pass, 1 failures, 5 none collected, 124 timeout); last lines:"

@@ -134,7 +134,7 @@ def cce_grpo(inp, ctx):
     return fn
 
 
-def _lpo_fused(mode: str, backend: str):
+def _lpo_fused(mode: str, backend: str, grad_weight_fp32: bool = True):
     def factory(inp, ctx):
         _needs_backend(ctx, backend)
         mod = _import("lpo_kernels.fused_linear", "lpo_kernels.fused_linear")
@@ -143,10 +143,11 @@ def _lpo_fused(mode: str, backend: str):
             loss, _ = mod.fused_linear_lpo_loss(
                 inp["hidden"], inp["weight"], inp["target_ids"], inp["mask"], inp["group_ids"],
                 inp["rewards"], old_logp=inp["old_logp"], group_size=inp["group_size"],
-                mode=mode, backend=backend)
+                mode=mode, backend=backend, grad_weight_fp32=grad_weight_fp32)
             return _grads(loss, [inp["hidden"], inp["weight"]])
         return fn
-    factory.__doc__ = f"lpo-kernels fused_linear_lpo_loss(mode={mode!r}, backend={backend!r})."
+    factory.__doc__ = (f"lpo-kernels fused_linear_lpo_loss(mode={mode!r}, backend={backend!r}, "
+                       f"grad_weight_fp32={grad_weight_fp32}).")
     return factory
 
 
@@ -161,6 +162,9 @@ HEAD_METHODS = {
     "lpo_fused_low_memory_triton": _lpo_fused("low_memory", "triton"),
     "lpo_fused_fast_cuda": _lpo_fused("fast", "cuda"),
     "lpo_fused_low_memory_cuda": _lpo_fused("low_memory", "cuda"),
+    # grad-weight accumulated in the weight's dtype (bf16), as Liger/autograd do
+    "lpo_fused_fast_triton_gw16": _lpo_fused("fast", "triton", grad_weight_fp32=False),
+    "lpo_fused_low_memory_triton_gw16": _lpo_fused("low_memory", "triton", grad_weight_fp32=False),
 }
 
 
@@ -368,6 +372,7 @@ PARITY = {
     "liger_triton_grpo": "naive_grpo_eager",
     "cce_grpo": "naive_grpo_eager",
     **{f"lpo_fused_{m}_{b}": "naive_lpo_eager" for m in ("fast", "low_memory") for b in ("triton", "cuda")},
+    **{f"lpo_fused_{m}_triton_gw16": "naive_lpo_eager" for m in ("fast", "low_memory")},
     **{f"listwise_{b}": "listwise_eager" for b in ("compile", "triton", "cuda")},
     "trl_logp_plus_entropy": "naive_head_logp_entropy",
     "lpo_fused_logp_entropy": "naive_head_logp_entropy",

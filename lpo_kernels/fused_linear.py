@@ -158,6 +158,10 @@ class _Grads:
         if self.weight is not None:
             if self.weight.dtype == grad_logits.dtype:
                 self.weight.addmm_(grad_logits.t(), h)
+            elif _gemm_accumulates_fp32(grad_logits.device, grad_logits.dtype):
+                # one cuBLAS GEMM with bf16/fp16 operands and an fp32 C: no temporary
+                torch.addmm(self.weight, grad_logits.t(), h, out_dtype=self.weight.dtype,
+                            out=self.weight)
             else:  # fp32 accumulator, low-precision GEMM: slice the vocabulary so the
                 # temporary is _VOCAB_SLICE x H, not V x H.
                 for v0 in range(0, self.weight.shape[0], _VOCAB_SLICE):
@@ -165,6 +169,29 @@ class _Grads:
                     self.weight[v0:v1].add_(grad_logits[:, v0:v1].t() @ h)
         if self.bias is not None:
             self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
+
+
+_FP32_ACCUMULATING_GEMM: dict = {}
+
+
+def _gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(fp32, half, half, out_dtype=fp32, out=fp32)`` works here
+    (CUDA, recent torch). Probed once per (device type, dtype) on a tiny problem."""
+    key = (device.type, dtype)
+    if key not in _FP32_ACCUMULATING_GEMM:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.randn(16, 8, device=device).to(dtype)
+                b = torch.randn(8, 32, device=device).to(dtype)
+                acc = torch.ones(16, 32, device=device)
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                expected = 1.0 + a.float() @ b.float()
+                ok = bool(torch.allclose(acc, expected, rtol=1e-2, atol=1e-2))
+            except (RuntimeError, TypeError):
+                ok = False
+        _FP32_ACCUMULATING_GEMM[key] = ok
+    return _FP32_ACCUMULATING_GEMM[key]
 
 
 def _chunk_logits(buffer: Tensor, head: _Head, rows, n: int) -> Tensor:

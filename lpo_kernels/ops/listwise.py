@@ -244,6 +244,10 @@ def _listwise_groups_kernel(
 ):
     """Fast path: program g owns group g = rows g*K .. g*K+K-1, end to end."""
     DTYPE = grad_ptr.dtype.element_ty  # the compute dtype (fp32, or fp64 for fp64 inputs)
+    # Scalars arrive as fp32 from eager launches but may arrive as fp64 under inductor:
+    # pin them to the compute dtype so loop-carried values keep one type.
+    low, high = tl.cast(low, DTYPE), tl.cast(high, DTYPE)
+    alpha, tau, eps = tl.cast(alpha, DTYPE), tl.cast(tau, DTYPE), tl.cast(eps, DTYPE)
     group = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     row_ok = k < K
@@ -338,6 +342,7 @@ def _segmented_groups_kernel(
     any size: members are visited in chunks of BLOCK_K, a pass per group statistic the
     per-member formulas need (passes re-read the per-sequence scalars, not the tokens)."""
     DTYPE = summed_ptr.dtype.element_ty  # the compute dtype (fp32, or fp64 for fp64 inputs)
+    alpha, tau, eps = tl.cast(alpha, DTYPE), tl.cast(tau, DTYPE), tl.cast(eps, DTYPE)
     start = tl.program_id(0).to(tl.int64)
     previous = tl.load(sorted_ids_ptr + tl.maximum(start - 1, 0))
     is_start = tl.where(start > 0, previous != tl.load(sorted_ids_ptr + start), start == 0)
@@ -460,6 +465,7 @@ def _sequence_grad_kernel(
 ):
     """General path, pass 2: token gradient and the clip counts (partials columns 6..9)."""
     DTYPE = grad_ptr.dtype.element_ty  # the compute dtype (fp32, or fp64 for fp64 inputs)
+    low, high = tl.cast(low, DTYPE), tl.cast(high, DTYPE)
     block = tl.program_id(0)
     rows = block.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < n_seqs
@@ -651,9 +657,11 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _kernel_wrapper():
-    """``wrap_triton`` makes a launch traceable inside a triton_op; identity otherwise."""
+    """``wrap_triton`` makes a launch traceable inside a triton_op while torch.compile
+    traces; identity otherwise. (Eager launches must not go through it: in eager mode it
+    dispatches a higher-order op per launch, which measured ~0.5 ms of host time a call.)"""
     wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is None or _INTERPRETING:
+    if wrap is None or _INTERPRETING or not _compiling():
         return lambda k: k
     return wrap
 
