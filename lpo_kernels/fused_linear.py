@@ -303,10 +303,18 @@ class _AttachHeadGrads(torch.autograd.Function):
     def forward(ctx, loss, scale, grad_hidden, grad_weight, grad_bias, hidden, weight, bias):
         ctx.save_for_backward(scale, grad_hidden, grad_weight, grad_bias)
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
+        ctx.consumed = False
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # The saved gradients are scaled in place (no second V x H buffer), so a second
+        # backward through the same graph (retain_graph=True) cannot be answered.
+        if ctx.consumed:
+            raise RuntimeError("the fused loss head's backward can run once per forward: its "
+                               "gradients are formed in the forward and scaled in place "
+                               "(call the loss function again instead of retain_graph=True)")
+        ctx.consumed = True
         scale, gh, gw, gb = ctx.saved_tensors
         hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
         s = grad_loss * scale
@@ -317,10 +325,11 @@ class _AttachHeadGrads(torch.autograd.Function):
 
 
 def _scaled_cast(grad: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
-    """grad * s in ``dtype``, by vocabulary slices so an fp32 grad-weight never needs a
-    second fp32 V x H temporary (the saved grads stay intact for retain_graph)."""
+    """grad * s in ``dtype``: in place when the dtypes agree; else by vocabulary slices
+    into a new ``dtype`` tensor, so an fp32 grad-weight never needs a second fp32 V x H
+    temporary."""
     if grad.dtype == dtype:
-        return grad * s.to(dtype)
+        return grad.mul_(s.to(dtype))
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
     s = s.to(grad.dtype)
     for v0 in range(0, grad.shape[0], _VOCAB_SLICE):

@@ -233,9 +233,16 @@ def test_logp_and_entropy_outputs_and_grad_output_scaling():
         assert_close(out.logp[counted], logp[counted], atol=1e-12, rtol=1e-10, name="logp")
         assert_close(out.entropy, entropy, atol=1e-12, rtol=1e-10, name="entropy")
         assert bool((out.logp[case["target_ids"] < 0] == 0).all())
-        # backward scales by grad_output
+        # backward scales by grad_output; it runs once (gradients are scaled in place)
         (g1,) = torch.autograd.grad(loss, p["weight"], retain_graph=True)
-        (g3,) = torch.autograd.grad(loss * -2.5, p["weight"])
+        with pytest.raises(RuntimeError, match="once"):
+            torch.autograd.grad(loss * -2.5, p["weight"])
+        loss2, _, _ = fused_linear_lpo_loss(
+            p["hidden"], p["weight"], case["target_ids"], case["mask"], case["group_ids"],
+            case["rewards"], bias=p["bias"], old_logp=case["old_logp"], cu_seqlens=case["cu_seqlens"],
+            temperature=1.3, mode=mode, chunk_tokens=10, return_logp=True, return_entropy=True,
+            backend="torch")
+        (g3,) = torch.autograd.grad(loss2 * -2.5, p["weight"])
         assert_close(g3, -2.5 * g1, atol=1e-12, rtol=1e-10, name="scaled grad")
 
 
