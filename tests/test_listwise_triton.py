@@ -331,6 +331,17 @@ for kw in (dict(group_size=4), dict()):
     ops = [str(n.target) for n in graphs[0].graph.nodes if "lpo_kernels" in str(n.target)]
     assert len(graphs) == 1 and ops, (kw, ops)
     print(kw, ops)
+# inductor/AOT autograd run the op bodies on fake tensors: launches must go through
+# wrap_triton there (a direct launch would read a fake tensor's data pointer)
+from torch._subclasses.fake_tensor import FakeTensorMode
+args = ("grpo", "forward_kl", 0.5, 1.0, 1e-6, "mean", "clamp", -0.2, 0.2, "mean")
+with FakeTensorMode():
+    logp, old, v = torch.randn(8, 5), torch.randn(8, 5), torch.randn(8)
+    mask = torch.ones(8, 5, dtype=torch.bool)
+    fused = listwise._fused_groups_impl(logp, old, mask, v, None, 4, *args)
+    general = listwise._general_impl(logp, old, mask, v, None, torch.arange(8) // 4, *args)
+assert fused[0].shape == (8, 5) and general[0].shape == (8, 5)
+print("fake tensors ok")
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -339,3 +350,4 @@ for kw in (dict(group_size=4), dict()):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "listwise_fused_groups" in proc.stdout and "listwise_general" in proc.stdout
+    assert "fake tensors ok" in proc.stdout

@@ -573,7 +573,7 @@ def _fused_groups_impl(logp: Tensor, old_logp: Optional[Tensor], mask: Optional[
                        seq_reduce: str, clip: str, low: float, high: float, reduction: str
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fast path: (token_grad, per-group divergence, float_out, int_out). 2 launches."""
-    kernel = _kernel_wrapper()
+    kernel = _kernel_wrapper(logp)
     dtype = reference.compute_dtype(logp.dtype)
     packed, T, cu = _layout(logp, cu_seqlens)
     n_seqs = cu_seqlens.shape[0] - 1 if packed else logp.shape[0]
@@ -604,7 +604,7 @@ def _general_impl(logp: Tensor, old_logp: Optional[Tensor], mask: Optional[Tenso
     starts), the sorted ids, float_out, int_out).
     Device-side segmentation: a stable sort of the ids and a searchsorted, then 4 launches
     (sequence sums, group kernel, token gradient, finalize)."""
-    kernel = _kernel_wrapper()
+    kernel = _kernel_wrapper(logp)
     dtype = reference.compute_dtype(logp.dtype)
     packed, T, cu = _layout(logp, cu_seqlens)
     n_seqs = group_ids.shape[0]
@@ -656,12 +656,14 @@ def _sequence_blocks(n_seqs: int, T: int, packed: bool) -> tuple[int, int]:
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _kernel_wrapper():
+def _kernel_wrapper(example: Tensor):
     """``wrap_triton`` makes a launch traceable inside a triton_op while torch.compile
-    traces; identity otherwise. (Eager launches must not go through it: in eager mode it
-    dispatches a higher-order op per launch, which measured ~0.5 ms of host time a call.)"""
+    traces (dynamo, or AOT autograd's fake/functional tensors); identity for eager launches
+    on real tensors, which must not go through it: in eager mode it dispatches a
+    higher-order op per launch (~0.5 ms of host time a call on an H200 host)."""
     wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is None or _INTERPRETING or not _compiling():
+    eager = not _compiling() and type(example) in (torch.Tensor, torch.nn.Parameter)
+    if wrap is None or _INTERPRETING or eager:
         return lambda k: k
     return wrap
 
