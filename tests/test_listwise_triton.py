@@ -342,6 +342,26 @@ with FakeTensorMode():
     general = listwise._general_impl(logp, old, mask, v, None, torch.arange(8) // 4, *args)
 assert fused[0].shape == (8, 5) and general[0].shape == (8, 5)
 print("fake tensors ok")
+# inductor passes float scalars as fp64: the group kernels must still compile (sm_90,
+# ahead of time, no GPU needed); loop-carried values must keep the compute dtype
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+int_ptrs = {"sorted_ids_ptr": "*i64", "order_ptr": "*i64", "ends_ptr": "*i64", "cu_ptr": "*i32",
+            "mask_ptr": "*i1", "partials_ptr": "*fp64"}
+for kernel, consts in (
+        (listwise._segmented_groups_kernel, dict(TARGET="grpo", DIVERGENCE="alpha",
+            SEQ_REDUCE="mean", N_PARTIALS=10, BLOCK_K=16)),
+        (listwise._listwise_groups_kernel, dict(PACKED=False, HAS_OLD=True, HAS_MASK=True,
+            TARGET="maxrl", DIVERGENCE="js", SEQ_REDUCE="mean", CLIP="ppo", N_PARTIALS=10,
+            BLOCK_K=8, BLOCK_T=64))):
+    names = [p.name for p in kernel.params]
+    sig = {n: "constexpr" if n in consts else int_ptrs.get(n, "*fp32") if n.endswith("_ptr")
+           else "i32" if n in ("T", "K", "n_seqs") else "fp64" for n in names}
+    src = ASTSource(fn=kernel, signature=sig,
+                    constexprs={(names.index(n),): v for n, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32))
+print("fp64 scalars compile")
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -350,4 +370,4 @@ print("fake tensors ok")
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "listwise_fused_groups" in proc.stdout and "listwise_general" in proc.stdout
-    assert "fake tensors ok" in proc.stdout
+    assert "fake tensors ok" in proc.stdout and "fp64 scalars compile" in proc.stdout
