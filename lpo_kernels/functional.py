@@ -26,15 +26,35 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: Triton on CUDA tensors when Triton imports, else the torch reference."""
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """``auto`` on CUDA tensors: the CUDA extension where it is built (fp32/bf16/fp16; the
+    fastest measured on an H200: listwise step 0.62 vs 1.20 ms a call at 1M tokens, row
+    kernels 2.19 vs 2.45 ms, benchmarks/results/), Triton while torch.compile traces (its
+    kernels are registered custom ops) or for fp64; the torch reference on CPU tensors."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    if device.type == "cuda" and triton_available():
-        return "triton"
-    return "torch"
+    if device.type != "cuda":
+        return "torch"
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    if not compiling and dtype in _CUDA_DTYPES and _cuda_extension_built():
+        return "cuda"
+    return "triton" if triton_available() else "torch"
+
+
+_CUDA_BUILT: list = []
+
+
+def _cuda_extension_built() -> bool:
+    if not _CUDA_BUILT:
+        from .cuda import cuda_extension_available
+
+        _CUDA_BUILT.append(cuda_extension_available())
+    return _CUDA_BUILT[0]
 
 
 def listwise_forward_impl(backend: str):
@@ -110,7 +130,7 @@ def lpo_loss(logp, old_logp, mask, group_ids, rewards=None, advantages=None, *,
     batch = check_listwise_inputs(logp, old_logp, mask, group_ids, rewards, advantages,
                                   options=options, cu_seqlens=cu_seqlens,
                                   group_size=group_size, validate=validate)
-    forward = listwise_forward_impl(resolve_backend(backend, logp.device))
+    forward = listwise_forward_impl(resolve_backend(backend, logp.device, logp.dtype))
     with torch.no_grad():
         result = forward(batch, options)
     return attach_token_grad(logp, result), result.stats

@@ -105,7 +105,7 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) 
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     check_same_device("hidden", hidden, weight=weight, target_ids=target_ids, bias=bias)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, hidden.dtype)
     if hidden.dtype == torch.float64 and backend != "torch":
         raise InputDTypeError(f"fp64 hidden states need backend='torch', got {backend!r}")
     flat = hidden.reshape(-1, hidden.shape[-1])

@@ -99,6 +99,20 @@ def test_backend_choice():
     assert listwise_forward_impl("torch") is listwise_forward
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("numpy", torch.device("cpu"))
+    # on CUDA tensors: the CUDA extension where built (fp32/bf16/fp16), else Triton
+    from lpo_kernels import functional
+
+    cuda = torch.device("cuda")
+    for built, half_choice in ((True, "cuda"), (False, "triton")):
+        saved = list(functional._CUDA_BUILT)
+        functional._CUDA_BUILT[:] = [built]
+        try:
+            assert resolve_backend("auto", cuda, torch.bfloat16) == half_choice
+            assert resolve_backend("auto", cuda, torch.float32) == half_choice
+            assert resolve_backend("auto", cuda, torch.float64) == "triton"
+            assert resolve_backend("triton", cuda, torch.float32) == "triton"
+        finally:
+            functional._CUDA_BUILT[:] = saved
     case = make_listwise_case(seed=5)
     auto, _, grad_auto = call_lpo(case)
     ref, _, grad_ref = call_lpo(case, backend="torch")
