@@ -2,6 +2,7 @@
 word-level tokenizer, a toy reward; no downloads (HF_HUB_OFFLINE=1)."""
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
@@ -298,6 +299,14 @@ def _ddp_worker():
     result["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result["param_sum"] = float(sum(p.double().sum() for p in trainer.model.parameters()))
     (out / f"result{rank}.json").write_text(json.dumps(result))
+    # Leave without interpreter teardown: gloo's threads can abort a process at exit
+    # ("terminate called without an active exception") after the work is done and saved.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_two_processes_groups_split_across_ranks(tmp_path):
