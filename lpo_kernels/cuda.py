@@ -184,8 +184,8 @@ def listwise_forward_cuda(batch: ListwiseBatch, options: LPOOptions) -> referenc
         else:
             n_out = int(slots.max()) + 1 if n else 0  # the documented sync of reduction="none"
         loss = divergence[:n_out]
-        n_tok = logp.shape[0] if batch.packed else logp.shape[-1]
-        token_group = reference.per_token(slots, batch.cu_seqlens, n_tok)
+        seq_index = reference.token_sequence_index(batch.cu_seqlens, logp.shape[0])
+        token_group = reference.per_token(slots, seq_index)
     else:
         loss = float_out[0]
 

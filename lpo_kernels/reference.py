@@ -32,25 +32,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- segments
-def token_sequence_index(cu_seqlens: Tensor, n_tokens: int) -> Tensor:
-    """Sequence index of each packed token (no host sync)."""
+def token_sequence_index(cu_seqlens: Tensor | None, n_tokens: int) -> Tensor | None:
+    """Sequence index of each packed token (no host sync); None for padded [B, T] input.
+    Computed once per call and passed to ``sequence_sums`` / ``per_token``."""
+    if cu_seqlens is None:
+        return None
     positions = torch.arange(n_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
 
 
-def sequence_sums(x: Tensor, cu_seqlens: Tensor | None, n_seqs: int) -> Tensor:
-    """Per-sequence sum of a padded [B, T] or packed [N] per-token tensor."""
-    if cu_seqlens is None:
+def sequence_sums(x: Tensor, seq_index: Tensor | None, n_seqs: int) -> Tensor:
+    """Per-sequence sum of a padded [B, T] (``seq_index`` None) or packed [N] tensor."""
+    if seq_index is None:
         return x.sum(dim=-1)
-    index = token_sequence_index(cu_seqlens, x.shape[0])
-    return x.new_zeros(n_seqs).index_add_(0, index, x)
+    return x.new_zeros(n_seqs).index_add_(0, seq_index, x)
 
 
-def per_token(values: Tensor, cu_seqlens: Tensor | None, n_tokens: int) -> Tensor:
+def per_token(values: Tensor, seq_index: Tensor | None) -> Tensor:
     """Broadcast a per-sequence vector to the token layout."""
-    if cu_seqlens is None:
+    if seq_index is None:
         return values[:, None]
-    return values[token_sequence_index(cu_seqlens, n_tokens)]
+    return values[seq_index]
 
 
 def group_slots(group_ids: Tensor | None, group_size: int | None, n_seqs: int, device) -> Tensor:
@@ -88,8 +90,9 @@ def sequence_scores(batch: ListwiseBatch, seq_reduce: str, dtype: torch.dtype):
     old = logp if batch.old_logp is None else batch.old_logp.to(dtype)
     mask = torch.ones_like(logp) if batch.mask is None else batch.mask.to(dtype)
     delta = torch.where(mask != 0, logp - old, torch.zeros_like(logp))
-    n_tokens = sequence_sums(mask, batch.cu_seqlens, batch.n_seqs)
-    summed = sequence_sums(mask * delta, batch.cu_seqlens, batch.n_seqs)
+    seq_index = token_sequence_index(batch.cu_seqlens, logp.shape[0])
+    n_tokens = sequence_sums(mask, seq_index, batch.n_seqs)
+    summed = sequence_sums(mask * delta, seq_index, batch.n_seqs)
     if seq_reduce == "mean":
         scores = summed / torch.where(n_tokens > 0, n_tokens, torch.ones_like(n_tokens))
     else:
@@ -239,11 +242,11 @@ def listwise_from_scores(batch: ListwiseBatch, options: LPOOptions, scores: Tens
     length = own_n if options.seq_reduce == "mean" else torch.ones_like(own_n)
     seq_scale = torch.where(own_valid, own_coef / torch.where(own_valid, length, torch.ones_like(length)),
                             torch.zeros_like(own_coef))
-    n_tok = delta.shape[-1] if batch.cu_seqlens is None else delta.shape[0]
-    coef_tok = per_token(own_coef, batch.cu_seqlens, n_tok)
+    seq_index = token_sequence_index(batch.cu_seqlens, delta.shape[0])
+    coef_tok = per_token(own_coef, seq_index)
     clipped_low, clipped_high = clip_masks(delta, coef_tok, options)
     gate = ~(clipped_low | clipped_high)
-    token_grad = per_token(seq_scale, batch.cu_seqlens, n_tok) * mask * gate.to(dtype)
+    token_grad = per_token(seq_scale, seq_index) * mask * gate.to(dtype)
 
     token_group = None
     if options.reduction == "mean":
@@ -257,7 +260,7 @@ def listwise_from_scores(batch: ListwiseBatch, options: LPOOptions, scores: Tens
         n_out = n // batch.group_size if batch.group_size is not None else (
             int(slots.max()) + 1 if n else 0)  # the documented sync of reduction="none"
         loss = divergence[:n_out]
-        token_group = per_token(slots, batch.cu_seqlens, n_tok)
+        token_group = per_token(slots, seq_index)
 
     counted = mask != 0
     n_counted = counted.sum()

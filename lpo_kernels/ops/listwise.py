@@ -750,8 +750,8 @@ def listwise_forward_triton(batch: ListwiseBatch, options: LPOOptions) -> refere
     else:
         loss = per_group_loss()
         slots = reference.group_slots(batch.group_ids, k, n, logp.device)
-        n_tok = token_grad.shape[-1] if batch.cu_seqlens is None else token_grad.shape[0]
-        token_group = reference.per_token(slots, batch.cu_seqlens, n_tok)
+        seq_index = reference.token_sequence_index(batch.cu_seqlens, token_grad.shape[0])
+        token_group = reference.per_token(slots, seq_index)
     return reference.ListwiseResult(loss, token_grad, token_group, _stats(float_out, int_out),
                                     grad_scale)
 
