@@ -77,13 +77,17 @@ def combine_group_stats(parts: Sequence[LPOGroupStats]) -> LPOGroupStats:
         torch.cat([p.n_tokens.to(dtype) for p in parts]))
 
 
-def _batch_records(batch: ListwiseBatch, seq_reduce: str) -> LPOGroupStats:
-    dtype = compute_dtype(batch.logp.dtype)
+def _own_group_ids(batch: ListwiseBatch) -> Tensor:
     if batch.group_ids is None:
         raise ValueError("group_ids is required with split groups (group_stats): ids must "
                          "mean the same prompt in every call")
+    return batch.group_ids.long()
+
+
+def _batch_records(batch: ListwiseBatch, seq_reduce: str) -> LPOGroupStats:
+    dtype = compute_dtype(batch.logp.dtype)
     scores, n_tokens, _, _ = sequence_scores(batch, seq_reduce, dtype)
-    return LPOGroupStats(batch.group_ids.long(), scores.detach(),
+    return LPOGroupStats(_own_group_ids(batch), scores.detach(),
                          batch.scores_source.to(dtype), n_tokens.detach())
 
 
@@ -122,12 +126,11 @@ def listwise_forward_with_group_stats(batch: ListwiseBatch, options: LPOOptions,
     if options.reduction == "none":
         raise ValueError("reduction='none' is not supported with group_stats")
     dtype = compute_dtype(batch.logp.dtype)
-    own = _batch_records(batch, options.seq_reduce)
-    _, _, delta, mask = sequence_scores(batch, options.seq_reduce, dtype)
-    ids = torch.cat([own.group_ids, others.group_ids.long()])
-    scores = torch.cat([own.scores, others.scores.to(dtype)])
-    values = torch.cat([own.values, others.values.to(dtype)])
-    n_tokens = torch.cat([own.n_tokens, others.n_tokens.to(dtype)])
+    scores, n_tokens, delta, mask = sequence_scores(batch, options.seq_reduce, dtype)
+    ids = torch.cat([_own_group_ids(batch), others.group_ids.long()])
+    scores = torch.cat([scores, others.scores.to(dtype)])
+    values = torch.cat([batch.scores_source.to(dtype), others.values.to(dtype)])
+    n_tokens = torch.cat([n_tokens, others.n_tokens.to(dtype)])
     slots = group_slots(ids, None, ids.shape[0], ids.device)
     return listwise_from_scores(batch, options, scores, n_tokens, values, slots, delta, mask)
 
