@@ -7,6 +7,8 @@ d loss / d logp in the forward. Backward only multiplies by ``grad_output``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -46,15 +48,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     return "triton" if triton_available() else "torch"
 
 
-_CUDA_BUILT: list = []
-
-
+@functools.lru_cache(maxsize=None)
 def _cuda_extension_built() -> bool:
-    if not _CUDA_BUILT:
-        from .cuda import cuda_extension_available
+    from .cuda import cuda_extension_available
 
-        _CUDA_BUILT.append(cuda_extension_available())
-    return _CUDA_BUILT[0]
+    return cuda_extension_available()
 
 
 def listwise_forward_impl(backend: str):

@@ -37,6 +37,7 @@ bf16, with one rounding per chunk).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -171,27 +172,22 @@ class _Grads:
             self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
 
 
-_FP32_ACCUMULATING_GEMM: dict = {}
-
-
 def _gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.addmm(fp32, half, half, out_dtype=fp32, out=fp32)`` works here
     (CUDA, recent torch). Probed once per (device type, dtype) on a tiny problem."""
-    key = (device.type, dtype)
-    if key not in _FP32_ACCUMULATING_GEMM:
-        ok = False
-        if device.type == "cuda":
-            try:
-                a = torch.randn(16, 8, device=device).to(dtype)
-                b = torch.randn(8, 32, device=device).to(dtype)
-                acc = torch.ones(16, 32, device=device)
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-                expected = 1.0 + a.float() @ b.float()
-                ok = bool(torch.allclose(acc, expected, rtol=1e-2, atol=1e-2))
-            except (RuntimeError, TypeError):
-                ok = False
-        _FP32_ACCUMULATING_GEMM[key] = ok
-    return _FP32_ACCUMULATING_GEMM[key]
+    return device.type == "cuda" and _probe_fp32_accumulating_gemm(device, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        a = torch.randn(16, 8, device=device).to(dtype)
+        b = torch.randn(8, 32, device=device).to(dtype)
+        acc = torch.ones(16, 32, device=device)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, 1.0 + a.float() @ b.float(), rtol=1e-2, atol=1e-2))
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _chunk_logits(buffer: Tensor, head: _Head, rows, n: int) -> Tensor:

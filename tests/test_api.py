@@ -93,7 +93,7 @@ def test_entropy_stats_match_definition():
     assert_close(stats.target_entropy, torch.stack(H_w).mean(), atol=1e-14, rtol=1e-12, name="H(w*)")
 
 
-def test_backend_choice():
+def test_backend_choice(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("torch", torch.device("cpu")) == "torch"
     assert listwise_forward_impl("torch") is listwise_forward
@@ -104,15 +104,12 @@ def test_backend_choice():
 
     cuda = torch.device("cuda")
     for built, half_choice in ((True, "cuda"), (False, "triton")):
-        saved = list(functional._CUDA_BUILT)
-        functional._CUDA_BUILT[:] = [built]
-        try:
-            assert resolve_backend("auto", cuda, torch.bfloat16) == half_choice
-            assert resolve_backend("auto", cuda, torch.float32) == half_choice
-            assert resolve_backend("auto", cuda, torch.float64) == "triton"
-            assert resolve_backend("triton", cuda, torch.float32) == "triton"
-        finally:
-            functional._CUDA_BUILT[:] = saved
+        monkeypatch.setattr(functional, "_cuda_extension_built", lambda built=built: built)
+        assert resolve_backend("auto", cuda, torch.bfloat16) == half_choice
+        assert resolve_backend("auto", cuda, torch.float32) == half_choice
+        assert resolve_backend("auto", cuda, torch.float64) == "triton"
+        assert resolve_backend("triton", cuda, torch.float32) == "triton"
+    monkeypatch.undo()
     case = make_listwise_case(seed=5)
     auto, _, grad_auto = call_lpo(case)
     ref, _, grad_ref = call_lpo(case, backend="torch")
