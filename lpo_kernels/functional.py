@@ -38,6 +38,10 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     kernels are registered custom ops) or for fp64; the torch reference on CPU tensors."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and device.type == "cpu" and not _triton_interprets():
+        raise ValueError("backend='triton' got CPU tensors, but Triton runs on a CPU only "
+                         "through its interpreter: set TRITON_INTERPRET=1 before importing "
+                         "lpo_kernels, or use backend='torch' (the default for CPU tensors)")
     if backend != "auto":
         return backend
     if device.type != "cuda":
@@ -46,6 +50,14 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     if not compiling and dtype in _CUDA_DTYPES and _cuda_extension_built():
         return "cuda"
     return "triton" if triton_available() else "torch"
+
+
+def _triton_interprets() -> bool:
+    """Whether our Triton kernels were built for the interpreter (TRITON_INTERPRET=1 when
+    they were imported; the loss-head kernels are imported with the package)."""
+    from .ops import loss_head
+
+    return loss_head._INTERPRET
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,6 +82,38 @@ def listwise_forward_impl(backend: str):
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+class DoubleBackwardError(RuntimeError):
+    """Differentiating a gradient of one of this library's losses (double backward)."""
+
+
+class _RaiseOnDoubleBackward(torch.autograd.Function):
+    """Identity on a first-order gradient; a backward through it raises."""
+
+    @staticmethod
+    def forward(ctx, grad, anchor, what):
+        ctx.what = what
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise DoubleBackwardError(
+            f"{ctx.what} supports first-order gradients only: its backward hands out "
+            "gradients formed in the forward, so a gradient of them (a gradient penalty "
+            "built with create_graph=True, double backward) would silently be missing "
+            "terms.")
+
+
+def first_order_only(what: str, *grads):
+    """Returns ``grads``; when a backward runs with ``create_graph=True`` they are tied to
+    a node that raises :class:`DoubleBackwardError` if anything differentiates them.
+    (``torch.autograd.function.once_differentiable`` checks only whether grad_output
+    requires grad, which it usually does not, so it would drop the penalty silently.)"""
+    if not torch.is_grad_enabled():
+        return grads
+    return tuple(None if g is None else _RaiseOnDoubleBackward.apply(
+        g, torch.zeros((), device=g.device, requires_grad=True), what) for g in grads)
+
+
 class AttachTokenGrad(torch.autograd.Function):
     """Returns ``loss`` unchanged; its backward hands logp ``grad_output * token_grad``
     (gathered per group for reduction='none'). The coefficients are constants."""
@@ -83,15 +127,17 @@ class AttachTokenGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         token_grad, token_group, grad_scale = ctx.saved_tensors
-        if token_group is None and token_grad.is_cuda:  # one launch instead of 2-3
-            from .ops.listwise import scale_token_grad
+        with torch.no_grad():
+            if token_group is None and token_grad.is_cuda:  # one launch instead of 2-3
+                from .ops.listwise import scale_token_grad
 
-            return (scale_token_grad(grad_loss, token_grad, grad_scale, ctx.logp_dtype),
-                    None, None, None, None)
-        scale = grad_loss if token_group is None else grad_loss[token_group]
-        if grad_scale is not None:
-            scale = scale * grad_scale
-        return (scale * token_grad).to(ctx.logp_dtype), None, None, None, None
+                grad = scale_token_grad(grad_loss, token_grad, grad_scale, ctx.logp_dtype)
+            else:
+                scale = grad_loss if token_group is None else grad_loss[token_group]
+                if grad_scale is not None:
+                    scale = scale * grad_scale
+                grad = (scale * token_grad).to(ctx.logp_dtype)
+        return (*first_order_only("lpo_loss", grad), None, None, None, None)
 
 
 def attach_token_grad(logp: Tensor, result: reference.ListwiseResult) -> Tensor:

@@ -45,17 +45,21 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .functional import listwise_forward_impl, resolve_backend
+from .functional import first_order_only, listwise_forward_impl, resolve_backend
 from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_with_group_stats,
                           lpo_group_stats)
-from .inputs import (InputDTypeError, check_listwise_inputs, check_same_device, check_tensor,
-                     resolve_validate)
+from .inputs import (InputDTypeError, check_finite, check_finite_tokens, check_listwise_inputs,
+                     check_same_device, check_tensor, resolve_validate)
 from .ops.loss_head import row_kernels
 from .options import GRPOOptions, LPOOptions
 
 MODES = ("fast", "low_memory")
 DEFAULT_CHUNK_TOKENS = {"fast": 8192, "low_memory": 1024}
 _VOCAB_SLICE = 8192  # rows of grad-weight summed per GEMM when accumulating in fp32
+# fp16 logits overflow above 65504: an fp16 chunk buffer holds logits * 2^-8 (applied in
+# the GEMM's fp32 epilogue; a power of two, so only values in fp16's subnormal range, |z|
+# < 0.016, lose bits, < 1e-5 absolute) and the row kernels read it back with 2^8 / T.
+_FP16_LOGIT_STORAGE_SCALE = 2.0 ** -8
 
 
 class HeadOutputs(NamedTuple):
@@ -118,13 +122,18 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) 
 
 
 def _check_targets_in_vocab(head: _Head, mask: Tensor | None, validate) -> None:
-    """Counted tokens must have a target in [0, V) (host sync: behind ``validate``)."""
+    """Counted tokens must have a target in [0, V), and a finite hidden state; weight and
+    bias must be finite (bias may be -inf: banned tokens). Host sync: behind ``validate``.
+    Hidden states of tokens that do not count may be anything (they get no gradient)."""
     if not resolve_validate(validate, head.hidden.device):
         return
     counted = torch.ones_like(head.targets, dtype=torch.bool) if mask is None else mask.reshape(-1) != 0
     bad = counted & ((head.targets < 0) | (head.targets >= head.weight.shape[0]))
     if bool(bad.any()):
         raise ValueError(f"target_ids of counted tokens must lie in [0, {head.weight.shape[0]})")
+    check_finite("hidden", head.hidden, counted[:, None])
+    check_finite("weight", head.weight)
+    check_finite("bias", head.bias, allow_neg_inf=True)
 
 
 def _check_chunk_tokens(chunk_tokens, mode) -> int:
@@ -148,9 +157,16 @@ class _Grads:
         self.bias = (torch.zeros(w.shape[0], dtype=acc, device=w.device)
                      if bias_req and head.bias is not None else None)
 
-    def add_chunk(self, grad_logits: Tensor, head: _Head, rows) -> None:
-        """grad_logits [n, V] (overwritten logits) -> grad-hidden rows, += grad-weight/bias."""
+    def add_chunk(self, grad_logits: Tensor, head: _Head, rows, row_grad: Tensor | None = None) -> None:
+        """grad_logits [n, V] (overwritten logits) -> grad-hidden rows, += grad-weight/bias.
+
+        ``row_grad`` [n]: the chunk's d loss / d logp. Rows where it is 0 (padding, masked
+        or clipped tokens) contribute exactly nothing: the row kernels write zeros there
+        and their hidden states are zeroed for the grad-weight GEMM, so a NaN hidden
+        state at a padding token cannot reach grad-weight through 0 * NaN."""
         h = head.hidden[rows]
+        if self.weight is not None and row_grad is not None:
+            h = torch.where((row_grad != 0)[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
         if self.hidden is not None:
             if isinstance(rows, slice):
                 torch.mm(grad_logits, head.weight, out=self.hidden[rows])
@@ -164,10 +180,17 @@ class _Grads:
                 torch.addmm(self.weight, grad_logits.t(), h, out_dtype=self.weight.dtype,
                             out=self.weight)
             else:  # fp32 accumulator, low-precision GEMM: slice the vocabulary so the
-                # temporary is _VOCAB_SLICE x H, not V x H.
+                # temporary is _VOCAB_SLICE x H, not V x H. On the CPU the operands are
+                # upcast so each chunk's product is summed in fp32, not rounded first.
+                upcast = grad_logits.device.type == "cpu"
+                h_acc = h.to(self.weight.dtype) if upcast else h
                 for v0 in range(0, self.weight.shape[0], _VOCAB_SLICE):
                     v1 = min(v0 + _VOCAB_SLICE, self.weight.shape[0])
-                    self.weight[v0:v1].add_(grad_logits[:, v0:v1].t() @ h)
+                    g = grad_logits[:, v0:v1].t()
+                    if upcast:
+                        self.weight[v0:v1].addmm_(g.to(self.weight.dtype), h_acc)
+                    else:
+                        self.weight[v0:v1].add_(g @ h_acc)
         if self.bias is not None:
             self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
 
@@ -191,14 +214,42 @@ def _probe_fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> b
 
 
 def _chunk_logits(buffer: Tensor, head: _Head, rows, n: int) -> Tensor:
-    """One GEMM into the reused buffer: logits = h W^T (+ b) for the chunk's rows."""
+    """One GEMM into the reused buffer: logits = h W^T (+ b) for the chunk's rows
+    (times ``_logit_storage_scale``; :func:`_head_row_kernels` undoes it)."""
     logits = buffer[:n]
     h = head.hidden[rows]
-    if head.bias is None:
+    scale = _logit_storage_scale(logits.dtype)
+    if scale != 1.0:
+        bias = head.bias if head.bias is not None else torch.zeros((), dtype=h.dtype, device=h.device)
+        torch.addmm(bias, h, head.weight.t(), beta=scale if head.bias is not None else 0.0,
+                    alpha=scale, out=logits)
+    elif head.bias is None:
         torch.mm(h, head.weight.t(), out=logits)
     else:
         torch.addmm(head.bias, h, head.weight.t(), out=logits)
     return logits
+
+
+def _logit_storage_scale(dtype: torch.dtype) -> float:
+    return _FP16_LOGIT_STORAGE_SCALE if dtype == torch.float16 else 1.0
+
+
+def _head_row_kernels(head: _Head):
+    """The backend's (row_stats, grad_inplace) for this head's logits buffer: for fp16
+    (stored times 2^-8) the kernels read z = stored * 2^8 / T, and the gradient's scale
+    g / T is passed as (g * 2^-8) * (2^8 / T) (both exact powers of two)."""
+    row_stats, grad_inplace = row_kernels(head.backend)
+    scale = _logit_storage_scale(head.hidden.dtype)
+    if scale == 1.0:
+        return row_stats, grad_inplace
+
+    def scaled_row_stats(logits, targets, inv_temperature, return_entropy):
+        return row_stats(logits, targets, inv_temperature / scale, return_entropy)
+
+    def scaled_grad_inplace(logits, targets, lse, grad_logp, inv_temperature):
+        grad_inplace(logits, targets, lse, grad_logp * scale, inv_temperature / scale)
+
+    return scaled_row_stats, scaled_grad_inplace
 
 
 def _new_buffer(head: _Head, rows: int) -> Tensor:
@@ -273,14 +324,15 @@ def _chunk_batch(batch, chunk: _Chunk, logp_chunk: Tensor, slots: Tensor | None)
     if chunk.cu_seqlens is None:  # padded rows, groups of group_size
         rows = chunk.seqs
         seq_len = batch.logp.shape[1]
+        n_rows = rows.stop - rows.start  # not numel // seq_len: T may be 0
         return dataclasses.replace(
-            batch, logp=logp_chunk.view(-1, seq_len),
+            batch, logp=logp_chunk.view(n_rows, seq_len),
             old_logp=None if batch.old_logp is None else batch.old_logp[rows],
             mask=None if batch.mask is None else batch.mask[rows],
             group_ids=None if batch.group_ids is None else batch.group_ids[rows],
             rewards=None if batch.rewards is None else values,
             advantages=None if batch.advantages is None else values,
-            n_seqs=logp_chunk.numel() // seq_len)
+            n_seqs=n_rows)
     flat_old = None if batch.old_logp is None else batch.old_logp.reshape(-1)[chunk.tokens]
     flat_mask = None if batch.mask is None else batch.mask.reshape(-1)[chunk.tokens]
     return dataclasses.replace(
@@ -313,11 +365,13 @@ class _AttachHeadGrads(torch.autograd.Function):
         ctx.consumed = True
         scale, gh, gw, gb = ctx.saved_tensors
         hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
-        s = grad_loss * scale
-        out_h = None if gh is None else _scaled_cast(gh, s, hidden_dtype).view(hidden_shape)
-        out_w = None if gw is None else _scaled_cast(gw, s, weight_dtype)
-        out_b = None if gb is None else _scaled_cast(gb, s, weight_dtype)
-        return None, None, None, None, None, out_h, out_w, out_b
+        with torch.no_grad():
+            s = grad_loss * scale
+            out_h = None if gh is None else _scaled_cast(gh, s, hidden_dtype).view(hidden_shape)
+            out_w = None if gw is None else _scaled_cast(gw, s, weight_dtype)
+            out_b = None if gb is None else _scaled_cast(gb, s, weight_dtype)
+        return (None, None, None, None, None,
+                *first_order_only("the fused loss head", out_h, out_w, out_b))
 
 
 def _scaled_cast(grad: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
@@ -398,7 +452,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
             return listwise_forward_with_group_stats(b, o, others)
     else:
         step = listwise_forward_impl(head.backend)
-    row_stats, grad_inplace = row_kernels(head.backend)
+    row_stats, grad_inplace = _head_row_kernels(head)
     needs = _needs_grad(hidden, weight, bias)
     entropy = torch.zeros_like(logp) if return_entropy else None
     flat_logp = logp.view(-1)
@@ -429,7 +483,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                     if chunk_result.grad_scale is not None:
                         token_grad = token_grad * chunk_result.grad_scale
                     grad_inplace(logits, targets, lse, token_grad, head.inv_temperature)
-                    grads.add_chunk(logits, head, chunk.tokens)
+                    grads.add_chunk(logits, head, chunk.tokens, token_grad)
             result = step(batch, options)
         else:  # low_memory
             plan = _token_chunks(head.hidden.shape[0], chunk_tokens)
@@ -449,7 +503,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                     logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
                     grad_inplace(logits, head.targets[chunk.tokens], lse_all[chunk.tokens],
                                  token_grad[chunk.tokens], head.inv_temperature)
-                    grads.add_chunk(logits, head, chunk.tokens)
+                    grads.add_chunk(logits, head, chunk.tokens, token_grad[chunk.tokens])
         if mode == "fast" and options.reduction == "mean":
             scale = 1.0 / result.stats.n_groups.clamp(min=1).to(result.loss.dtype)
         elif mode == "low_memory" and result.grad_scale is not None:
@@ -501,7 +555,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: _Head, chunk_tokens: int, return_entropy: bool,
                 grad_weight_fp32: bool):
-        row_stats, _ = row_kernels(head.backend)
+        row_stats, _ = _head_row_kernels(head)
         n = head.hidden.shape[0]
         logp = torch.empty(n, dtype=head.logp_dtype, device=hidden.device)
         lse_all = torch.empty_like(logp)
@@ -525,9 +579,15 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, *unused):
+        with torch.no_grad():  # out= GEMMs; create_graph=True is first-order only
+            grads = _FusedLinearLogprobs._grads(ctx, grad_logp)
+        return (*first_order_only("fused_linear_logprobs", *grads), None, None, None, None)
+
+    @staticmethod
+    def _grads(ctx, grad_logp):
         (lse_all,) = ctx.saved_tensors
         head = ctx.head
-        _, grad_inplace = row_kernels(head.backend)
+        _, grad_inplace = _head_row_kernels(head)
         needs = ctx.needs_input_grad[:3]
         grads = _Grads(head, needs[0], needs[1], needs[2], ctx.grad_weight_fp32)
         grad_flat = grad_logp.reshape(-1)
@@ -537,11 +597,11 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
             grad_inplace(logits, head.targets[chunk.tokens], lse_all[chunk.tokens],
                          grad_flat[chunk.tokens], head.inv_temperature)
-            grads.add_chunk(logits, head, chunk.tokens)
+            grads.add_chunk(logits, head, chunk.tokens, grad_flat[chunk.tokens])
         w_dtype = head.weight.dtype
         return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, -1),
                 None if grads.weight is None else grads.weight.to(w_dtype),
-                None if grads.bias is None else grads.bias.to(w_dtype), None, None, None, None)
+                None if grads.bias is None else grads.bias.to(w_dtype))
 
 
 def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=1.0,
@@ -553,11 +613,8 @@ def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=
     for fp64 inputs), differentiable w.r.t. hidden/weight/bias (backward recomputes the
     logits chunk by chunk), and with ``return_entropy`` also the tempered entropy
     (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient."""
-    packed = hidden.dim() == 2
-    head = _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) \
-        if hidden.dim() in (2, 3) else None
-    if head is None:
-        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    check_tensor("hidden", hidden, floating=True, dim=(2, 3))  # [N, H] or [B, T, H]
+    head = _check_head(hidden, weight, target_ids, bias, temperature, hidden.dim() == 2, backend)
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "low_memory")
     return _FusedLinearLogprobs.apply(hidden, weight, bias, head, chunk_tokens, return_entropy,
                                       grad_weight_fp32)
@@ -609,7 +666,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     _check_targets_in_vocab(head, mask, None)
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
     rows_per_chunk = max(1, chunk_tokens // max(seq_len, 1))
-    row_stats, grad_inplace = row_kernels(head.backend)
+    row_stats, grad_inplace = _head_row_kernels(head)
     needs = _needs_grad(hidden, weight, bias)
     logp = torch.zeros(head.token_shape, dtype=head.logp_dtype, device=hidden.device)
     counted = (torch.ones(head.token_shape, device=hidden.device) if mask is None
@@ -642,7 +699,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
             else:  # grpo, dr_grpo: normalised by the number of rows
                 token_grad = token_grad * ((b - a) / n_rows)
             grad_inplace(logits, targets, lse, token_grad.reshape(-1), head.inv_temperature)
-            grads.add_chunk(logits, head, tokens)
+            grads.add_chunk(logits, head, tokens, token_grad.reshape(-1))
         loss, stats = reference.grpo_forward(logp, old_logp, mask, advantages, ref_logp, options)
         del buffer
     scale = torch.ones((), dtype=loss.dtype, device=hidden.device)

@@ -45,6 +45,42 @@ def resolve_validate(validate: bool | None, device: torch.device) -> bool:
     return device.type == "cpu" if validate is None else bool(validate)
 
 
+class NonFiniteInputError(ValueError):
+    """An input tensor holds NaN or infinity where its values are used."""
+
+
+def check_finite(name: str, x: Tensor | None, where: Tensor | None = None, *,
+                 allow_neg_inf: bool = False) -> None:
+    """Raises :class:`NonFiniteInputError` naming ``x`` if it holds NaN or +-inf where
+    ``where`` (broadcastable; e.g. the counted tokens) is true. ``allow_neg_inf``: -inf is
+    a legal value (a bias that bans tokens). Reads values, i.e. a host sync: call it
+    behind ``validate``."""
+    if x is None or not x.is_floating_point():
+        return
+    bad = (torch.isnan(x) | (x == float("inf"))) if allow_neg_inf else ~torch.isfinite(x)
+    if where is not None:
+        bad = bad & where
+    if bool(bad.any()):
+        where_text = "" if where is None else " at counted tokens"
+        raise NonFiniteInputError(f"{name} must be finite{where_text} (found NaN or inf)")
+
+
+def check_finite_tokens(validate: bool | None, mask: Tensor | None, **tensors) -> None:
+    """Under ``validate`` (see :func:`resolve_validate`): ``mask`` is finite and each named
+    tensor is finite, at the counted tokens (``mask != 0``) where it has the mask's
+    shape (padding values never enter the math), everywhere otherwise (per-sequence
+    values such as advantages or rewards)."""
+    present = [x for x in (mask, *tensors.values()) if isinstance(x, Tensor)]
+    if not present or not resolve_validate(validate, present[0].device):
+        return
+    check_finite("mask", mask)
+    counted = None if mask is None else mask != 0
+    for name, x in tensors.items():
+        if isinstance(x, Tensor):
+            at = counted if counted is not None and x.shape == counted.shape else None
+            check_finite(name, x, at)
+
+
 @dataclass(frozen=True)
 class ListwiseBatch:
     """The checked inputs of one listwise call.
@@ -123,8 +159,10 @@ def check_listwise_inputs(
                       cu_seqlens=cu_seqlens, **{per_seq_name: per_seq})
 
     if resolve_validate(validate, logp.device):
-        if not bool(torch.isfinite(per_seq).all()):
-            raise ValueError(f"{per_seq_name} must be finite (found NaN or inf)")
+        check_finite_tokens(True, mask, logp=logp, old_logp=old_logp, **{per_seq_name: per_seq})
+        if mask is not None and bool((mask < 0).any()):
+            # Weights that cancel (1, -1) would empty a response that still counts tokens.
+            raise ValueError("mask must be >= 0 (it weights tokens: N_k = sum of the mask)")
         if options.target == "maxrl" and bool((per_seq < 0).any()):
             raise ValueError("rewards must be >= 0 for target='maxrl' (it divides by the mean reward)")
         if packed:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .inputs import ListwiseBatch
+from .inputs import ListwiseBatch, check_listwise_inputs
 from .options import GRPOOptions, LPOOptions
 from .stats import GRPOStats, LPOStats
 
@@ -345,25 +345,37 @@ def naive_linear_logprobs(hidden: Tensor, weight: Tensor, target_ids: Tensor, *,
     logp = log_probs.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    probs = log_probs.exp()  # 0 * log 0 = 0 at logits of -inf (banned tokens)
+    entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
     return logp, entropy
 
 
 def naive_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=None,
                           advantages=None, *, bias=None, temperature=1.0, old_logp=None,
-                          **lpo_options):
-    """Naive eager LPO from hidden states: the naive head, then the reference loss."""
-    from .functional import lpo_loss
+                          cu_seqlens=None, group_size=None, validate=None, **lpo_options):
+    """Naive eager LPO from hidden states: the naive head, then ``listwise_forward``.
 
+    Plain autograd, no custom Function (and no import of ``functional``, which imports
+    this module): the loss is the reference value plus ``sum(token_grad * (logp -
+    logp.detach()))``, a term that is exactly 0 and whose gradient is the reference's."""
     logp = naive_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature)
-    return lpo_loss(logp, old_logp, mask, group_ids, rewards, advantages, backend="torch",
-                    **lpo_options)
+    options = LPOOptions(**lpo_options)
+    batch = check_listwise_inputs(logp, old_logp, mask, group_ids, rewards, advantages,
+                                  options=options, cu_seqlens=cu_seqlens,
+                                  group_size=group_size, validate=validate)
+    with torch.no_grad():
+        result = listwise_forward(batch, options)
+    token_grad = result.token_grad if result.grad_scale is None else result.token_grad * result.grad_scale
+    carrier = token_grad * (logp - logp.detach())  # value 0, gradient token_grad
+    if result.token_group is None:
+        return result.loss + carrier.sum(), result.stats
+    per_group = torch.zeros_like(result.loss).index_add_(
+        0, result.token_group.expand_as(carrier).reshape(-1), carrier.reshape(-1))
+    return result.loss + per_group, result.stats
 
 
 def naive_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
                            temperature=1.0, old_logp=None, ref_logp=None, **grpo_options):
     """Naive eager GRPO from hidden states (TRL's path: full logits, fp32 log-softmax)."""
-    from .functional import grpo_loss
-
     logp = naive_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature)
-    return grpo_loss(logp, old_logp, mask, advantages, ref_logp=ref_logp, **grpo_options)
+    return grpo_forward(logp, old_logp, mask, advantages, ref_logp, GRPOOptions(**grpo_options))

@@ -10,7 +10,8 @@ Both functions exist three times with one contract (``_torch`` here, ``_triton``
   sum softmax(z) z``. A target outside [0, V) gives logp = 0 (callers mask those tokens).
 - ``logits_grad_inplace(logits, targets, lse, grad_logp, inv_temperature) -> None``:
   ``logits <- grad_logp * (onehot(target) - softmax(z)) * inv_temperature`` in the
-  logits' dtype (an out-of-range target has no one-hot term; grad_logp = 0 gives zeros).
+  logits' dtype (an out-of-range target has no one-hot term; grad_logp = 0 gives exact
+  zeros, even over NaN logits). Entropy counts 0 * log 0 = 0 (logits of -inf).
 
 ``logits`` is row-contiguous (unit column stride); its row stride may exceed V (a view
 into a larger reused buffer). The math is fp32 whatever the storage dtype; the
@@ -51,16 +52,24 @@ def logits_row_stats_torch(logits: Tensor, targets: Tensor, inv_temperature: flo
     fp64 logits are also accepted here (outputs then fp64), for fp64 parity tests."""
     _check_row_inputs(logits, targets, allow_fp64=True)
     z = logits.to(_math_dtype(logits)) * inv_temperature
-    lse = torch.logsumexp(z, dim=-1)
+    # Shift by the row max (a finite stand-in on all -inf rows) as the kernels do.
+    row_max = z.amax(dim=-1) if z.shape[1] else z.new_zeros(z.shape[0])
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shifted = z - row_max[:, None]
+    e = torch.exp(shifted)
+    sum_e = e.sum(-1)
+    lse = row_max + torch.log(sum_e)
     vocab = logits.shape[1]
     in_range = (targets >= 0) & (targets < vocab)
     safe = torch.where(in_range, targets, torch.zeros_like(targets)).long()
-    target_z = z.gather(1, safe[:, None]).squeeze(1)
+    target_z = z.gather(1, safe[:, None]).squeeze(1) if vocab else torch.zeros_like(lse)
     logp = torch.where(in_range, target_z - lse, torch.zeros_like(lse))
     entropy = None
     if return_entropy:
-        probs = torch.exp(z - lse[:, None])
-        entropy = lse - (probs * z).sum(-1)
+        # Renormalised by the computed sum (not 1), and 0 * log 0 = 0 at banned (-inf)
+        # logits: H = log S - sum e * shifted / S.
+        e_z = torch.where(e > 0, e * shifted, torch.zeros_like(e))
+        entropy = torch.log(sum_e) - e_z.sum(-1) / sum_e
     return lse, logp, entropy
 
 
@@ -75,6 +84,8 @@ def logits_grad_inplace_torch(logits: Tensor, targets: Tensor, lse: Tensor, grad
     in_range = (targets >= 0) & (targets < vocab)
     safe = torch.where(in_range, targets, torch.zeros_like(targets)).long()
     grad.scatter_add_(1, safe[:, None], torch.where(in_range, scale, torch.zeros_like(scale))[:, None])
+    # Rows with grad_logp = 0 are exact zeros whatever their logits (NaN at padding).
+    grad = torch.where(scale[:, None] != 0, grad, torch.zeros((), dtype=dtype, device=grad.device))
     logits.copy_(grad)
 
 
@@ -101,8 +112,8 @@ def _row_stats_kernel(logits_ptr, targets_ptr, lse_ptr, logp_ptr, entropy_ptr,
         rescale = tl.exp(running_max - new_max)
         e = tl.exp(z - new_max[:, None])
         sum_exp = sum_exp * rescale + tl.sum(e, axis=1)
-        if RETURN_ENTROPY:
-            sum_exp_z = sum_exp_z * rescale + tl.sum(e * tl.where(ok, z, 0.0), axis=1)
+        if RETURN_ENTROPY:  # 0 * log 0 = 0: banned (-inf) logits add nothing
+            sum_exp_z = sum_exp_z * rescale + tl.sum(e * tl.where(e > 0.0, z, 0.0), axis=1)
         running_max = new_max
     sum_exp = tl.where(row_ok, sum_exp, 1.0)  # rows past the end: keep log() finite
     lse = running_max + tl.log(sum_exp)
@@ -133,7 +144,8 @@ def _grad_inplace_kernel(logits_ptr, targets_ptr, lse_ptr, grad_logp_ptr,
         z = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32) * inv_t
         probs = tl.exp(z - lse[:, None])
         onehot = (cols[None, :] == targets[:, None]).to(tl.float32)
-        grad = (onehot - probs) * scale[:, None]
+        # rows with grad_logp = 0: exact zeros whatever their logits (NaN at padding)
+        grad = tl.where(scale[:, None] != 0.0, (onehot - probs) * scale[:, None], 0.0)
         tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=ok)
 
 
