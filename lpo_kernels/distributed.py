@@ -46,9 +46,11 @@ def all_gather_group_stats(local: LPOGroupStats, group=None, *,
             continue
         parts.append(LPOGroupStats(block[0, :k].long(), block[1, :k].to(local.scores.dtype),
                                    block[2, :k].to(local.values.dtype),
-                                   block[3, :k].to(local.n_tokens.dtype)))
+                                   block[3, :k].to(local.n_tokens.dtype),
+                                   local.seq_reduce, local.values_kind))
     if not parts:  # a world of one: no other records
         empty = packed[:, :0]
         return LPOGroupStats(empty[0].long(), empty[1].to(local.scores.dtype),
-                             empty[2].to(local.values.dtype), empty[3].to(local.n_tokens.dtype))
+                             empty[2].to(local.values.dtype), empty[3].to(local.n_tokens.dtype),
+                             local.seq_reduce, local.values_kind)
     return combine_group_stats(parts)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .inputs import check_listwise_inputs, check_same_device, check_tensor
+from .inputs import check_finite_tokens, check_listwise_inputs, check_same_device, check_tensor
 from .options import GRPOOptions, LPOOptions
 from .stats import GRPOStats, LPOStats
 
@@ -208,4 +208,5 @@ def grpo_loss(logp, old_logp, mask, advantages, *, loss_type="grpo", clip_eps_lo
         raise ValueError("beta > 0 needs ref_logp")
     check_same_device("logp", logp, old_logp=old_logp, mask=mask, advantages=advantages,
                       ref_logp=ref_logp)
+    check_finite_tokens(None, mask, logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages)
     return reference.grpo_forward(logp, old_logp, mask, advantages, ref_logp, options)

@@ -443,7 +443,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, group_ids=group_ids)
     _check_targets_in_vocab(head, mask, validate)
     if group_stats is not None:
-        others = check_group_stats(group_stats, hidden.device)
+        others = check_group_stats(group_stats, hidden.device, options, validate)
         if group_ids is None:
             raise ValueError("group_ids is required with group_stats (ids must name the same "
                              "prompts in every call)")
@@ -664,6 +664,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
                       advantages=advantages)
     _check_targets_in_vocab(head, mask, None)
+    check_finite_tokens(None, mask, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages)
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
     rows_per_chunk = max(1, chunk_tokens // max(seq_len, 1))
     row_stats, grad_inplace = _head_row_kernels(head)

@@ -32,24 +32,58 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .inputs import ListwiseBatch, check_listwise_inputs
+from .inputs import ListwiseBatch, check_finite, check_listwise_inputs, resolve_validate
 from .options import LPOOptions
 from .reference import (ListwiseResult, compute_dtype, group_slots, listwise_from_scores,
                         sequence_scores)
+
+
+SEQ_REDUCES = ("mean", "sum")
+VALUE_KINDS = ("rewards", "advantages")
 
 
 @dataclass(frozen=True)
 class LPOGroupStats:
     """Per-sequence records of one call: what other calls need to finish its groups.
 
-    ``group_ids`` [S] int64, ``scores`` [S] (s_k, unclipped log-ratio per response),
+    ``group_ids`` [S] integer, ``scores`` [S] (s_k, unclipped log-ratio per response),
     ``values`` [S] (rewards, or advantages for target='advantages'), ``n_tokens`` [S]
-    (counted tokens; 0 = empty response, left out of its group). All on one device."""
+    (counted tokens, >= 0; 0 = empty response, left out of its group). All on one device.
+
+    ``seq_reduce`` ('mean' | 'sum') and ``values_kind`` ('rewards' | 'advantages') say what
+    built the records (:func:`lpo_group_stats` sets both; None = unknown, for records
+    built by hand): combining or using records built another way is a ``ValueError``,
+    not a silent mix of mean and summed scores, or of rewards and advantages."""
 
     group_ids: Tensor
     scores: Tensor
     values: Tensor
     n_tokens: Tensor
+    seq_reduce: str | None = None
+    values_kind: str | None = None
+
+    def __post_init__(self):  # shapes and dtypes only: no host sync
+        for name in ("group_ids", "scores", "values", "n_tokens"):
+            x = getattr(self, name)
+            if not isinstance(x, Tensor):
+                raise TypeError(f"LPOGroupStats.{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != 1:
+                raise ValueError(f"LPOGroupStats.{name} must be 1-D (one entry per sequence), "
+                                 f"got shape {tuple(x.shape)}")
+            if x.shape != self.group_ids.shape:
+                raise ValueError(f"LPOGroupStats.{name} has {x.shape[0]} entries, group_ids "
+                                 f"{self.group_ids.shape[0]}")
+        if self.group_ids.is_floating_point() or self.group_ids.is_complex() or self.group_ids.dtype == torch.bool:
+            raise TypeError(f"LPOGroupStats.group_ids must be an integer tensor (float ids would "
+                            f"be truncated), got {self.group_ids.dtype}")
+        for name in ("scores", "values"):
+            if not getattr(self, name).is_floating_point():
+                raise TypeError(f"LPOGroupStats.{name} must be floating point, got {getattr(self, name).dtype}")
+        if self.seq_reduce not in (None, *SEQ_REDUCES):
+            raise ValueError(f"LPOGroupStats.seq_reduce must be one of {SEQ_REDUCES} or None, got {self.seq_reduce!r}")
+        if self.values_kind not in (None, *VALUE_KINDS):
+            raise ValueError(f"LPOGroupStats.values_kind must be one of {VALUE_KINDS} or None, "
+                             f"got {self.values_kind!r}")
 
     def __len__(self) -> int:
         return self.group_ids.shape[0]
@@ -58,11 +92,22 @@ class LPOGroupStats:
         def cast(x, floating):
             return x.to(device=device, dtype=dtype if floating and dtype is not None else x.dtype)
         return LPOGroupStats(cast(self.group_ids, False), cast(self.scores, True),
-                             cast(self.values, True), cast(self.n_tokens, True))
+                             cast(self.values, True), cast(self.n_tokens, True),
+                             self.seq_reduce, self.values_kind)
+
+
+def _agreed(parts, field: str) -> str | None:
+    """The one non-None value of ``field`` among the parts (ValueError if they differ)."""
+    kinds = {getattr(p, field) for p in parts} - {None}
+    if len(kinds) > 1:
+        raise ValueError(f"group_stats records built with different {field}: {sorted(kinds)}")
+    return kinds.pop() if kinds else None
 
 
 def combine_group_stats(parts: Sequence[LPOGroupStats]) -> LPOGroupStats:
     """Concatenate the records of several calls (e.g. every micro-batch but this one)."""
+    if isinstance(parts, (LPOGroupStats, Tensor, str)) or not hasattr(parts, "__iter__"):
+        raise TypeError(f"parts must be a sequence of LPOGroupStats, got {type(parts).__name__}")
     parts = list(parts)
     if not parts:
         raise ValueError("combine_group_stats needs at least one LPOGroupStats")
@@ -74,7 +119,8 @@ def combine_group_stats(parts: Sequence[LPOGroupStats]) -> LPOGroupStats:
         torch.cat([p.group_ids.long() for p in parts]),
         torch.cat([p.scores.to(dtype) for p in parts]),
         torch.cat([p.values.to(dtype) for p in parts]),
-        torch.cat([p.n_tokens.to(dtype) for p in parts]))
+        torch.cat([p.n_tokens.to(dtype) for p in parts]),
+        _agreed(parts, "seq_reduce"), _agreed(parts, "values_kind"))
 
 
 def _own_group_ids(batch: ListwiseBatch) -> Tensor:
@@ -88,7 +134,8 @@ def _batch_records(batch: ListwiseBatch, seq_reduce: str) -> LPOGroupStats:
     dtype = compute_dtype(batch.logp.dtype)
     scores, n_tokens, _, _ = sequence_scores(batch, seq_reduce, dtype)
     return LPOGroupStats(_own_group_ids(batch), scores.detach(),
-                         batch.scores_source.to(dtype), n_tokens.detach())
+                         batch.scores_source.to(dtype), n_tokens.detach(), seq_reduce,
+                         "advantages" if batch.advantages is not None else "rewards")
 
 
 @torch.no_grad()
@@ -105,16 +152,34 @@ def lpo_group_stats(logp, old_logp, mask, group_ids, rewards=None, advantages=No
     return _batch_records(batch, seq_reduce)
 
 
-def check_group_stats(group_stats, device) -> LPOGroupStats:
+def check_group_stats(group_stats, device, options: LPOOptions | None = None,
+                      validate: bool | None = None) -> LPOGroupStats:
+    """Type, shape (at construction), kind (against ``options``) and, under ``validate``,
+    value checks of the other calls' records; returns them on ``device``."""
     if not isinstance(group_stats, LPOGroupStats):
         raise TypeError(f"group_stats must be an LPOGroupStats (see lpo_group_stats), got "
                         f"{type(group_stats).__name__}")
-    n = len(group_stats)
-    for name in ("scores", "values", "n_tokens"):
-        x = getattr(group_stats, name)
-        if x.shape != (n,):
-            raise ValueError(f"group_stats.{name} must have shape [{n}], got {tuple(x.shape)}")
-    return group_stats.to(device=device)
+    if options is not None:
+        _check_records_match(group_stats, options)
+    records = group_stats.to(device=device)
+    if resolve_validate(validate, records.n_tokens.device):
+        check_finite("group_stats.n_tokens", records.n_tokens.to(torch.float64))
+        if bool((records.n_tokens < 0).any()):
+            raise ValueError("group_stats.n_tokens must be >= 0")
+        counted = records.n_tokens > 0  # empty responses' scores never enter the math
+        check_finite("group_stats.scores", records.scores, counted)
+        check_finite("group_stats.values", records.values, counted)
+    return records
+
+
+def _check_records_match(records: LPOGroupStats, options: LPOOptions) -> None:
+    if records.seq_reduce is not None and records.seq_reduce != options.seq_reduce:
+        raise ValueError(f"group_stats were built with seq_reduce={records.seq_reduce!r}, this call "
+                         f"uses seq_reduce={options.seq_reduce!r}: their scores do not mix")
+    kind = "advantages" if options.needs_advantages else "rewards"
+    if records.values_kind is not None and records.values_kind != kind:
+        raise ValueError(f"group_stats carry {records.values_kind} but target={options.target!r} "
+                         f"needs {kind}: build them with the same target")
 
 
 def listwise_forward_with_group_stats(batch: ListwiseBatch, options: LPOOptions,
@@ -125,6 +190,7 @@ def listwise_forward_with_group_stats(batch: ListwiseBatch, options: LPOOptions,
     calls' records; only this call's tokens get a gradient (see the module docstring)."""
     if options.reduction == "none":
         raise ValueError("reduction='none' is not supported with group_stats")
+    _check_records_match(others, options)
     dtype = compute_dtype(batch.logp.dtype)
     scores, n_tokens, delta, mask = sequence_scores(batch, options.seq_reduce, dtype)
     ids = torch.cat([_own_group_ids(batch), others.group_ids.long()])
@@ -145,7 +211,7 @@ def lpo_loss_with_group_stats(logp, old_logp, mask, group_ids, rewards=None, adv
     options = LPOOptions(**lpo_options)
     batch = check_listwise_inputs(logp, old_logp, mask, group_ids, rewards, advantages,
                                   options=options, cu_seqlens=cu_seqlens, validate=validate)
-    others = check_group_stats(group_stats, logp.device)
+    others = check_group_stats(group_stats, logp.device, options, validate)
     with torch.no_grad():
         result = listwise_forward_with_group_stats(batch, options, others)
     if not (torch.is_grad_enabled() and logp.requires_grad):

@@ -61,8 +61,9 @@ def check_finite(name: str, x: Tensor | None, where: Tensor | None = None, *,
     if where is not None:
         bad = bad & where
     if bool(bad.any()):
+        what = "finite or -inf" if allow_neg_inf else "finite"
         where_text = "" if where is None else " at counted tokens"
-        raise NonFiniteInputError(f"{name} must be finite{where_text} (found NaN or inf)")
+        raise NonFiniteInputError(f"{name} must be {what}{where_text} (found NaN or inf)")
 
 
 def check_finite_tokens(validate: bool | None, mask: Tensor | None, **tensors) -> None:
