@@ -38,7 +38,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     kernels are registered custom ops) or for fp64; the torch reference on CPU tensors."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and device.type == "cpu" and not _triton_interprets():
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    if backend == "triton" and device.type == "cpu" and not compiling and not _triton_interprets():
         raise ValueError("backend='triton' got CPU tensors, but Triton runs on a CPU only "
                          "through its interpreter: set TRITON_INTERPRET=1 before importing "
                          "lpo_kernels, or use backend='torch' (the default for CPU tensors)")
@@ -46,7 +47,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
         return backend
     if device.type != "cuda":
         return "torch"
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
     if not compiling and dtype in _CUDA_DTYPES and _cuda_extension_built():
         return "cuda"
     return "triton" if triton_available() else "torch"
