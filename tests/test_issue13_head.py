@@ -148,14 +148,15 @@ def test_item9_fp16_logits_above_fp16_max_stay_finite_and_exact(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_item9_fp16_storage_scale_keeps_normal_range_parity(backend):
-    case = make_head_case(seed=4, dtype=F64)
+    case = make_head_case(seed=4, dtype=F64, bias=True)
     want, _, pw = _naive(case)
-    half = dict(case, hidden=case["hidden"].half(), weight=case["weight"].half())
+    half = dict(case, hidden=case["hidden"].half(), weight=case["weight"].half(), bias=case["bias"].half())
     p = leaves(half)
     loss, _ = _fused(half, p, backend=backend, group_size=4)
     loss.backward()
     assert_close(loss, want, atol=2e-3, rtol=2e-3, name="loss")
     assert_close(p["weight"].grad, pw["weight"].grad, atol=2e-3, rtol=2e-2, name="grad weight")
+    assert_close(p["bias"].grad, pw["bias"].grad, atol=2e-3, rtol=2e-2, name="grad bias")
 
 
 def _naive(case, **options):
