@@ -76,6 +76,7 @@ class LPOOptions:
         check_divisor("tau", self.tau)
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}")
+        check_divisor("alpha", self.alpha)  # c_k divides by alpha (1 - alpha >= 1e-16 anyway)
         if not 0.0 <= self.eps < 1.0:
             raise ValueError(f"eps must lie in [0, 1), got {self.eps}")
         if not 0.0 <= self.clip_eps_low <= 1.0:

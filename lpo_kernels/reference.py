@@ -153,7 +153,7 @@ def target_logits(values: Tensor, valid: Tensor, slots: Tensor, options: LPOOpti
     n = values.shape[0]
     v = torch.where(valid, values, torch.zeros_like(values))
     absmax = segment_amax(v.abs(), slots, n)
-    scale = pow2_scale(absmax.clamp(min=0))  # -inf for slots of no member
+    scale = pow2_scale(absmax.clamp(min=0))  # (absmax is -inf for a slot of no member)
     x = v / scale[slots]
     count = segment_sum(valid.to(values.dtype), slots, n)
     mean_x = segment_sum(x, slots, n) / count.clamp(min=1)
@@ -225,7 +225,7 @@ def divergence_and_coefficients(log_p: Tensor, log_w: Tensor, valid: Tensor, slo
     return divergence, torch.where(valid, coef, zero)
 
 
-EXPM1_SERIES_BELOW = 0.25  # |x| below which every backend takes expm1(x) from its series
+EXPM1_SERIES_BELOW = 0.25  # |x| below which gap = base * expm1(x) (Triton: its Taylor series)
 
 
 def alpha_parts(p: Tensor, w: Tensor, lp: Tensor, lw: Tensor, valid: Tensor, a: float):
