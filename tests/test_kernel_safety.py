@@ -30,15 +30,18 @@ from tests.test_cuda import emulated_module  # noqa: F401  (fixture: csrc/ built
 from tests.utils import assert_close
 
 BACKENDS = ["torch", "triton", "cuda"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # with a GPU: the real kernels
 
 
 @pytest.fixture
 def backend(request, monkeypatch):
-    """The backend's name, with every output NaN-poisoned; "cuda" runs csrc/'s kernels
-    compiled for the CPU on CPU tensors (as tests/test_cuda.py's emulated tests do)."""
+    """The backend's name, with every output NaN-poisoned; without a GPU "cuda" runs
+    csrc/'s kernels compiled for the CPU on CPU tensors (as tests/test_cuda.py does)."""
     monkeypatch.setattr(triton_listwise, "POISON_OUTPUTS", True)
     monkeypatch.setenv("LPO_KERNELS_POISON", "1")
-    if request.param == "cuda" and not torch.cuda.is_available():
+    if request.param == "cuda" and DEVICE == "cuda" and not cuda_backend.cuda_extension_available():
+        pytest.skip("the CUDA extension is not built")
+    if request.param == "cuda" and DEVICE == "cpu":
         module = request.getfixturevalue("emulated_module")
 
         def type_check_only(name, x, device=None):
@@ -87,13 +90,14 @@ def _packed_case(cu, seed=0):
 
 
 def _call(case, backend, layout, **options):
+    case = {k: v.to(DEVICE) for k, v in case.items()}
     logp = case["logp"].clone().requires_grad_()
     ids = None if layout == "group_size" else case["group_ids"]
     group_size = 2 if layout == "group_size" else None
     loss, stats = lpo_loss(logp, case["old_logp"], None, ids, case["rewards"], cu_seqlens=case["cu_seqlens"],
                            group_size=group_size, backend=backend, **options)
     loss.sum().backward()
-    return loss.detach(), stats, logp.grad
+    return loss.detach().cpu(), stats, logp.grad.cpu()
 
 
 @pytest.mark.parametrize("layout", ["group_size", "group_ids"])
@@ -107,6 +111,7 @@ def test_malformed_cu_seqlens_stay_in_bounds(backend, variant, layout):
     held = _held_tokens(cu, N_TOKENS)
     assert torch.count_nonzero(grad[~held]) == 0, "a token of no sequence got a gradient"
     assert stats.cu_seqlens_errors.dtype == torch.int64 and int(stats.cu_seqlens_errors) == n_bad
+    assert stats.cu_seqlens_errors.device.type == DEVICE  # a device-side count: no host sync
     with pytest.raises(ValueError, match="cu_seqlens"):
         stats.check_inputs()
     with pytest.raises(ValueError, match="cu_seqlens"):
@@ -138,13 +143,15 @@ def test_fused_head_with_malformed_cu_seqlens(backend):
     a named error. mode='low_memory' never syncs: the listwise kernels clamp, and tokens of
     no sequence give hidden no gradient."""
     g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(N_TOKENS, 8, generator=g, requires_grad=True)
-    weight = torch.randn(16, 8, generator=g, requires_grad=True)
-    targets = torch.randint(0, 16, (N_TOKENS,), generator=g)
-    old = -torch.rand(N_TOKENS, generator=g) * 3
+    hidden = torch.randn(N_TOKENS, 8, generator=g).to(DEVICE).requires_grad_()
+    weight = torch.randn(16, 8, generator=g).to(DEVICE).requires_grad_()
+    targets = torch.randint(0, 16, (N_TOKENS,), generator=g).to(DEVICE)
+    old = (-torch.rand(N_TOKENS, generator=g) * 3).to(DEVICE)
     cu, _ = MALFORMED["short_last"]
-    args = (hidden, weight, targets, None, torch.tensor([0, 0, 1, 1]), torch.randn(4, generator=g))
-    kwargs = dict(old_logp=old, cu_seqlens=torch.tensor(cu), validate=False, backend=backend, clip="none")
+    args = (hidden, weight, targets, None, torch.tensor([0, 0, 1, 1], device=DEVICE),
+            torch.randn(4, generator=g).to(DEVICE))
+    kwargs = dict(old_logp=old, cu_seqlens=torch.tensor(cu, device=DEVICE), validate=False, backend=backend,
+                  clip="none")
     with pytest.raises(ValueError, match="cu_seqlens"):
         fused_linear_lpo_loss(*args, mode="fast", **kwargs)
     loss, stats = fused_linear_lpo_loss(*args, mode="low_memory", **kwargs)
@@ -163,11 +170,12 @@ def _padded_case(rewards, seed=0):
 
 
 def _padded_call(case, dtype, backend, **options):
+    case = {k: v.to(DEVICE) for k, v in case.items()}
     logp = case["logp"].detach().to(dtype).clone().requires_grad_()
     loss, _ = lpo_loss(logp, case["old_logp"].to(dtype), None, case["group_ids"], case["rewards"].to(dtype),
                        backend=backend if dtype != torch.float64 else "torch", clip="none", **options)
     loss.sum().backward()
-    return loss.detach().double(), logp.grad.double()
+    return loss.detach().double().cpu(), logp.grad.double().cpu()
 
 
 def _relative_error(got, want):
