@@ -17,9 +17,11 @@ What it changes in TRL's GRPO pipeline (TRL >= 1.x; checked against trl 1.16):
    is the mean over all groups of the optimizer step). Two heads give the per-token log-probs:
    ``lpo_head="lpo"`` runs the backbone, takes its last hidden state and ``lm_head`` (ZeRO-3
    gathered, routed through the wrapped model's forward like TRL's former Liger path) and calls
-   the fused LPO head; ``lpo_head="trl"`` uses TRL's own chunked log-prob head (needed for models
-   with logit soft-capping/scaling, MoE aux losses, images, or ``beta > 0``, whose KL term
-   needs differentiable log-probs). ``"auto"``: ``"lpo"`` where it applies.
+   the fused LPO head with the model's logit soft-capping/scaling (``lm_head_transform``): one
+   fused pass, or, when token gradient weights or ``beta > 0`` need the log-probs first,
+   ``fused_linear_logprobs`` + ``lpo_loss``. ``lpo_head="trl"`` uses TRL's own chunked log-prob
+   head (needed for MoE aux losses, images, and the entropy bonus, whose entropy must be
+   differentiable). ``"auto"``: ``"lpo"`` where it applies.
 4. **Metrics**: TRL's ``entropy``, ``kl`` (when ``beta > 0``), ``clip_ratio/low_mean``,
    ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` plus ``lpo/divergence``,
    ``lpo/listwise_entropy``, ``lpo/target_entropy``, ``lpo/mean_abs_coef``, ``lpo/n_groups``.
