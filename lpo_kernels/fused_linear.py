@@ -359,6 +359,20 @@ def _attach(loss, scale, grads: _Grads, hidden, weight, bias):
                                   hidden, weight, bias)
 
 
+def _check_token_grad_weights(weights, head: _Head, device) -> Tensor | None:
+    """``token_grad_weights`` broadcast to the token shape and flattened (None: all 1)."""
+    if weights is None:
+        return None
+    check_tensor("token_grad_weights", weights, floating=True)
+    check_same_device("hidden", head.hidden, token_grad_weights=weights)
+    try:
+        expanded = torch.broadcast_to(weights, head.token_shape)
+    except RuntimeError as error:
+        raise ValueError(f"token_grad_weights shape {tuple(weights.shape)} does not broadcast to the token "
+                         f"shape {head.token_shape}") from error
+    return expanded.reshape(-1).to(head.logp_dtype)
+
+
 def _needs_grad(*tensors):
     return [torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors]
 
@@ -369,7 +383,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                           group_size=None, cu_seqlens=None, group_stats=None, mode="fast",
                           chunk_tokens=None, return_logp=False, return_entropy=False,
                           backend="auto", grad_weight_fp32=True, validate=None, softcap=None,
-                          logit_scale=1.0, **lpo_options):
+                          logit_scale=1.0, token_grad_weights=None, **lpo_options):
     """LPO loss from hidden states and the LM head, without materialising the logits.
 
     Args:
@@ -386,6 +400,9 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
         softcap, logit_scale: logits ``softcap * tanh(logit_scale * (h W^T + b) / softcap) / T``
             (Gemma-2 style cap; ``softcap=None``: ``logit_scale * (h W^T + b) / T``), the
             order of TRL's fused LM head (``lpo_kernels/logit_transform.py``).
+        token_grad_weights: optional per-token factors on ``d loss / d logp`` (token shape, or
+            ``[B, 1]`` per sequence), e.g. importance weights of a sampler: the gradient of
+            token t is multiplied by its weight; loss value and stats are unchanged.
         group_stats: records of the *other* calls' sequences of split groups
             (:class:`LPOGroupStats`); the call then returns the whole-batch loss and this
             call's part of its gradient (see ``lpo_kernels/group_stats.py``).
@@ -423,6 +440,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     else:
         step = listwise_forward_impl(head.backend)
     row_stats, grad_inplace = row_kernels(head.backend)
+    flat_weights = _check_token_grad_weights(token_grad_weights, head, hidden.device)
     needs = _needs_grad(hidden, weight, bias)
     entropy = torch.zeros_like(logp) if return_entropy else None
     flat_logp = logp.view(-1)
@@ -452,6 +470,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                     token_grad = chunk_result.token_grad.reshape(-1)
                     if chunk_result.grad_scale is not None:
                         token_grad = token_grad * chunk_result.grad_scale
+                    if flat_weights is not None:
+                        token_grad = token_grad * flat_weights[chunk.tokens]
                     _logits_grad(grad_inplace, logits, head, targets, lse, token_grad)
                     grads.add_chunk(logits, head, chunk.tokens)
             result = step(batch, options)
@@ -469,6 +489,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
             result = step(batch, options)
             if want_grad:
                 token_grad = result.token_grad.reshape(-1)
+                if flat_weights is not None:
+                    token_grad = token_grad * flat_weights
                 for chunk in plan:
                     logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
                     _logits_grad(grad_inplace, logits, head, head.targets[chunk.tokens],

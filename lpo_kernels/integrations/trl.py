@@ -294,11 +294,18 @@ class LPOTrainer(GRPOTrainer):
             head = "lpo" if not (aux or bonus) and _fused_linear_lpo_loss() is not None else "trl"
         return head
 
-    def _lpo_token_weighting(self) -> bool:
-        """Whether token gradient weights apply (they need the log-probs before the loss, so the
-        lpo head then takes its log-prob route instead of the one-pass fused loss)."""
-        return ((self.use_vllm and self.vllm_importance_sampling_correction) or self.top_entropy_quantile < 1.0
-                or self.off_policy_mask_threshold is not None or self._lpo_sequence_gate())
+    def _lpo_weights_need_logp(self) -> bool:
+        """Whether token gradient weights depend on the current log-probs or entropies (the lpo
+        head then takes its log-prob route instead of the one-pass fused loss)."""
+        return (self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
+                or self._lpo_sequence_gate())
+
+    def _lpo_is_ratio(self, inputs):
+        """TRL's vLLM importance-sampling ratio pi_old / pi_sampler (its mode, caps and masking
+        already applied; [B, T] token modes, [B, 1] sequence modes), or None when off."""
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            return inputs["importance_sampling_ratio"]
+        return None
 
     def _lpo_sequence_gate(self) -> bool:
         return self.importance_sampling_level == "sequence" and self.lpo_options["clip"] == "clamp"
@@ -425,7 +432,7 @@ class LPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
 
         aux_loss, entropy_mask, sequence_clip = None, None, None
-        if self.lpo_head == "lpo" and not self._lpo_token_weighting() and self.beta == 0.0:
+        if self.lpo_head == "lpo" and not self._lpo_weights_need_logp() and self.beta == 0.0:
             loss, stats, entropies = self._lpo_head_loss(model, inputs, mask, advantages, old_logp, others)
             logp = None
         else:
@@ -486,9 +493,8 @@ class LPOTrainer(GRPOTrainer):
             w = w.to(logp.dtype)
             weights = w if weights is None else weights * w
 
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            # TRL's ratio pi_old / pi_sampler with its mode (token/sequence, truncate/mask) and caps
-            times(inputs["importance_sampling_ratio"])
+        if self._lpo_is_ratio(inputs) is not None:
+            times(self._lpo_is_ratio(inputs))
         if self.top_entropy_quantile < 1.0:
             entropy_mask = self.get_high_entropy_mask(entropies.detach(), mask, 1 - self.top_entropy_quantile)
             times(entropy_mask)
@@ -569,10 +575,11 @@ class LPOTrainer(GRPOTrainer):
             if fused is not None:
                 loss, stats, head_outputs = fused(
                     hidden, weight, completion_ids, mask, group_ids, rewards, advantages, old_logp=old_logp,
-                    group_stats=others, return_entropy=True, **{**self._lpo_head_kwargs(), "bias": bias},
-                    **self.lpo_options)
+                    group_stats=others, return_entropy=True, token_grad_weights=self._lpo_is_ratio(inputs),
+                    **{**self._lpo_head_kwargs(), "bias": bias}, **self.lpo_options)
                 return loss, stats, head_outputs.entropy * inputs["completion_mask"]
         logp, entropies = self._lpo_head_logps(model, inputs, return_entropy=True)
+        logp = weight_token_grads(logp, self._lpo_is_ratio(inputs))
         loss, stats = self._lpo_loss_from_logps(logp, old_logp, mask, group_ids, rewards, advantages, others)
         return loss, stats, entropies * inputs["completion_mask"]
 
