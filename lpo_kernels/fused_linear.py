@@ -531,10 +531,11 @@ class FusedLinearLPOLoss(torch.nn.Module):
 
     def forward(self, hidden, weight, target_ids, mask, group_ids, rewards=None, advantages=None,
                 *, bias=None, old_logp=None, cu_seqlens=None, group_stats=None,
-                return_logp=False, return_entropy=False):
+                return_logp=False, return_entropy=False, token_grad_weights=None):
         return fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards, advantages,
                                      bias=bias, old_logp=old_logp, cu_seqlens=cu_seqlens,
                                      group_stats=group_stats, return_logp=return_logp,
+                                     token_grad_weights=token_grad_weights,
                                      return_entropy=return_entropy, **self.head_options,
                                      **self.lpo_options)
 
