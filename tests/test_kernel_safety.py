@@ -60,6 +60,7 @@ N_TOKENS = 40
 # name -> (cu_seqlens over 40 tokens, malformed offsets counted by hand)
 MALFORMED = {
     "decreasing": ([0, 25, 5, 30, 40], 1),        # sequences 0 and 2 overlap on [5, 25)
+    "decreasing_short": ([0, 30, 10, 20, 25], 2),  # 0 overlaps 2, 3 and the zero-filled tail
     "beyond_n": ([0, 10, 20, 30, 4000], 1),
     "negative": ([-1000, 10, 20, 30, 40], 1),
     "short_last": ([0, 10, 20, 30, 33], 1),       # tokens 33..39 in no sequence
