@@ -1,0 +1,256 @@
+"""Vocabulary-parallel fused head (``tp_group=``) on gloo CPU process groups of 2 and 3
+ranks with unequal vocabulary slices: loss, stats, log-probs, entropy and the gradients of
+hidden / weight slice / bias slice must equal the single-process full-vocabulary result
+(fp64 to 1e-10 relative), and the replicated outputs must be bitwise equal on every rank.
+
+Every case runs in one spawn per world size (one process-group set-up per module); the
+single-process reference runs here. Each case function takes the rank's ``(weight, bias)``
+(the full head when ``tp`` is None) and returns a dict of tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lpo_kernels.fused_linear import (fused_linear_grpo_loss, fused_linear_logprobs,
+                                      fused_linear_lpo_group_stats, fused_linear_lpo_loss)
+from lpo_kernels.group_stats import combine_group_stats
+
+from .test_fused_linear import make_head_case
+from .utils import assert_close
+
+VOCAB = 41
+SPLITS = {2: [17, 24], 3: [9, 20, 12]}  # unequal slices, rank order
+HAS_MEGATRON = False
+try:  # optional: megatron-core (pip install --no-deps megatron-core)
+    import megatron.core  # noqa: F401
+
+    HAS_MEGATRON = True
+except Exception:  # noqa: BLE001 - any import failure means "not here"
+    pass
+
+
+def _shard(full: torch.Tensor | None, tp):
+    if full is None or tp is None:
+        return full
+    start = sum(SPLITS[tp["world"]][:tp["rank"]])
+    return full[start:start + SPLITS[tp["world"]][tp["rank"]]]
+
+
+def _leaf(x):
+    return None if x is None else x.detach().clone().requires_grad_()
+
+
+def _tp_kwargs(tp, explicit_start=False):
+    if tp is None:
+        return {}
+    kw = dict(tp_group=tp["group"])
+    if explicit_start:
+        kw["vocab_start"] = sum(SPLITS[tp["world"]][:tp["rank"]])
+    return kw
+
+
+def _grads(out, hidden, weight, bias):
+    out.update(grad_hidden=hidden.grad, grad_weight=weight.grad)
+    if bias is not None:
+        out["grad_bias"] = bias.grad
+    return out
+
+
+def _stats(stats):
+    return {f"stat_{f.name}": getattr(stats, f.name) for f in dataclasses.fields(stats)}
+
+
+# --------------------------------------------------------------------------- cases
+def _lpo(tp, *, dtype, mode, backend, packed, explicit_start=False, chunk_tokens=10, seed=3):
+    c = make_head_case(n_groups=3, group_size=4, seq_len=5, vocab=VOCAB, dtype=dtype, bias=True,
+                       packed=packed, shuffle=True, seed=seed)
+    h, w, b = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp)), _leaf(_shard(c["bias"], tp))
+    loss, stats, outs = fused_linear_lpo_loss(
+        h, w, c["target_ids"], c["mask"], c["group_ids"], c["rewards"], bias=b,
+        old_logp=c["old_logp"], cu_seqlens=c["cu_seqlens"], temperature=0.9, mode=mode,
+        chunk_tokens=chunk_tokens, backend=backend, divergence="alpha", alpha=0.4,
+        target="rloo", return_logp=True, return_entropy=True, **_tp_kwargs(tp, explicit_start))
+    loss.backward()
+    return _grads(dict(loss=loss.detach(), logp=outs.logp, entropy=outs.entropy, **_stats(stats)),
+                  h, w, b)
+
+
+def _lpo_split_groups(tp, *, mode):
+    """Two micro-calls, every group straddling both: records from the fused group-stats
+    pass, each call gets the other's; their gradients add up to the whole batch's."""
+    c = make_head_case(n_groups=3, group_size=4, seq_len=5, vocab=VOCAB, bias=True, shuffle=True,
+                       seed=7)
+    h, w, b = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp)), _leaf(_shard(c["bias"], tp))
+    micro = [torch.arange(0, 12, 2), torch.arange(1, 12, 2)]
+    records = [fused_linear_lpo_group_stats(
+        c["hidden"][r], _shard(c["weight"], tp), c["target_ids"][r], c["mask"][r],
+        c["group_ids"][r], c["rewards"][r], bias=_shard(c["bias"], tp), temperature=0.9,
+        old_logp=c["old_logp"][r], target="grpo", **_tp_kwargs(tp)) for r in micro]
+    losses = []
+    for i, r in enumerate(micro):
+        loss, _ = fused_linear_lpo_loss(
+            h[r], w, c["target_ids"][r], c["mask"][r], c["group_ids"][r], c["rewards"][r],
+            bias=b, old_logp=c["old_logp"][r], group_stats=combine_group_stats([records[1 - i]]),
+            temperature=0.9, mode=mode, chunk_tokens=10, backend="torch", target="grpo",
+            divergence="reverse_kl", **_tp_kwargs(tp))
+        loss.backward()
+        losses.append(loss.detach())
+    out = dict(loss0=losses[0], loss1=losses[1])
+    for i, rec in enumerate(records):
+        out.update({f"records{i}_scores": rec.scores, f"records{i}_n_tokens": rec.n_tokens})
+    return _grads(out, h, w, b)
+
+
+def _lpo_whole_for_split(tp, *, mode):
+    """The single-process whole-batch result the split-group case must reproduce."""
+    c = make_head_case(n_groups=3, group_size=4, seq_len=5, vocab=VOCAB, bias=True, shuffle=True,
+                       seed=7)
+    h, w, b = _leaf(c["hidden"]), _leaf(c["weight"]), _leaf(c["bias"])
+    loss, _ = fused_linear_lpo_loss(
+        h, w, c["target_ids"], c["mask"], c["group_ids"], c["rewards"], bias=b,
+        old_logp=c["old_logp"], temperature=0.9, mode=mode, chunk_tokens=10, backend="torch",
+        target="grpo", divergence="reverse_kl")
+    loss.backward()
+    return _grads(dict(loss0=loss.detach(), loss1=loss.detach()), h, w, b)
+
+
+def _grpo(tp, *, dtype, loss_type):
+    c = make_head_case(n_groups=2, group_size=4, seq_len=6, vocab=VOCAB, dtype=dtype, bias=True,
+                       seed=11)
+    g = torch.Generator().manual_seed(12)
+    ref = c["old_logp"] + 0.1 * torch.randn(c["old_logp"].shape, generator=g, dtype=c["old_logp"].dtype)
+    h, w, b = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp)), _leaf(_shard(c["bias"], tp))
+    loss, stats, logp = fused_linear_grpo_loss(
+        h, w, c["target_ids"], c["mask"], c["rewards"], bias=b, temperature=1.1,
+        old_logp=c["old_logp"], ref_logp=ref, chunk_tokens=12, backend="torch",
+        loss_type=loss_type, beta=0.05, return_logp=True, **_tp_kwargs(tp))
+    loss.backward()
+    return _grads(dict(loss=loss.detach(), logp=logp, **_stats(stats)), h, w, b)
+
+
+def _logprobs(tp, *, dtype, backend, explicit_start=False):
+    c = make_head_case(n_groups=2, group_size=3, seq_len=7, vocab=VOCAB, dtype=dtype, bias=True,
+                       packed=True, seed=19)
+    h, w, b = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp)), _leaf(_shard(c["bias"], tp))
+    logp, entropy = fused_linear_logprobs(h, w, c["target_ids"], bias=b, temperature=0.8,
+                                          return_entropy=True, chunk_tokens=9, backend=backend,
+                                          **_tp_kwargs(tp, explicit_start))
+    g = torch.Generator().manual_seed(20)
+    weights = torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.dtype)
+    (logp * weights).sum().backward()
+    return _grads(dict(logp=logp.detach(), entropy=entropy), h, w, b)
+
+
+F64, F32 = torch.float64, torch.float32
+CASES = {
+    "lpo_fast_f64": lambda tp: _lpo(tp, dtype=F64, mode="fast", backend="torch", packed=False),
+    "lpo_low_memory_f64_packed": lambda tp: _lpo(tp, dtype=F64, mode="low_memory", backend="torch",
+                                                 packed=True, explicit_start=True),
+    "lpo_fast_f64_packed": lambda tp: _lpo(tp, dtype=F64, mode="fast", backend="torch", packed=True),
+    "lpo_low_memory_f32": lambda tp: _lpo(tp, dtype=F32, mode="low_memory", backend="torch",
+                                          packed=False),
+    "lpo_fast_f32_triton": lambda tp: _lpo(tp, dtype=F32, mode="fast", backend="triton",
+                                           packed=False, chunk_tokens=30),
+    "lpo_split_groups_fast": lambda tp: _lpo_split_groups(tp, mode="fast"),
+    "lpo_split_groups_low_memory": lambda tp: _lpo_split_groups(tp, mode="low_memory"),
+    "grpo_dapo_f64": lambda tp: _grpo(tp, dtype=F64, loss_type="dapo"),
+    "grpo_grpo_f32": lambda tp: _grpo(tp, dtype=F32, loss_type="grpo"),
+    "logprobs_f64": lambda tp: _logprobs(tp, dtype=F64, backend="torch"),
+    "logprobs_f32_explicit_start": lambda tp: _logprobs(tp, dtype=F32, backend="torch",
+                                                        explicit_start=True),
+}
+REFERENCES = {"lpo_split_groups_fast": lambda: _lpo_whole_for_split(None, mode="fast"),
+              "lpo_split_groups_low_memory": lambda: _lpo_whole_for_split(None, mode="low_memory")}
+
+
+# --------------------------------------------------------------------------- processes
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        tp = dict(group=dist.group.WORLD, world=world, rank=rank)
+        results = {name: case(tp) for name, case in CASES.items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(worker, world, *args):
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(worker, args=(world, _free_port(), out_dir, *args), nprocs=world, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+_RUNS: dict[int, list] = {}
+
+
+def _ranks(world):
+    """Every case on every rank of a ``world``-process gloo group (spawned once)."""
+    if world not in _RUNS:
+        _RUNS[world] = _spawn(_worker, world)
+    return _RUNS[world]
+
+
+@pytest.fixture(scope="module")
+def references():
+    out = {}
+    for name, case in CASES.items():
+        out[name] = REFERENCES[name]() if name in REFERENCES else case(None)
+    return out
+
+
+TOLERANCE = {F64: dict(rtol=1e-10, atol=1e-12), F32: dict(rtol=2e-5, atol=2e-6)}
+REPLICATED = ("loss", "loss0", "loss1", "logp", "entropy")  # must be bitwise equal on every rank
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", list(CASES))
+def test_vocab_parallel_equals_single_process(world, name, references):
+    ranks = [results[name] for results in _ranks(world)]
+    expected = references[name]
+    tol = TOLERANCE[F32 if "f32" in name else F64]
+    for rank, got in enumerate(ranks):
+        assert set(got) == set(expected) | ({k for k in got if k.startswith("records")}), name
+        start = sum(SPLITS[world][:rank])
+        rows = slice(start, start + SPLITS[world][rank])
+        for key, want in expected.items():
+            if key in ("grad_weight", "grad_bias"):
+                want = want[rows]  # this rank's slice of the full gradient
+            assert got[key].dtype == want.dtype, (name, key)
+            assert_close(got[key], want, name=f"{name} rank {rank} {key}", **tol)
+        for key in REPLICATED:
+            if key in got:
+                assert torch.equal(got[key], ranks[0][key]), f"{name}: {key} differs between ranks"
+        assert torch.equal(got["grad_hidden"], ranks[0]["grad_hidden"]), name
+    if name.startswith("lpo_split"):  # the micro-calls' records are identical on every rank
+        for key in [k for k in ranks[0] if k.startswith("records")]:
+            assert all(torch.equal(r[key], ranks[0][key]) for r in ranks)
+
+
+def test_grad_weight_slices_cover_the_full_gradient(references):
+    """The world-3 slices of grad-weight, concatenated in rank order, are the full gradient."""
+    ranks = _ranks(3)
+    full = torch.cat([r["lpo_fast_f64"]["grad_weight"] for r in ranks])
+    assert_close(full, references["lpo_fast_f64"]["grad_weight"], rtol=1e-10, atol=1e-12)
+
+
+def test_without_tp_group_vocab_start_is_rejected():
+    c = make_head_case(vocab=VOCAB)
+    with pytest.raises(ValueError, match="vocab_start"):
+        fused_linear_logprobs(c["hidden"], c["weight"], c["target_ids"].clamp(min=0), vocab_start=3)
