@@ -179,9 +179,29 @@ def _worker(rank, world, port, out_dir):
         torch.set_num_threads(1)
         tp = dict(group=dist.group.WORLD, world=world, rank=rank)
         results = {name: case(tp) for name, case in CASES.items()}
+        results["errors"] = _bad_layouts(tp)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _bad_layouts(tp):
+    """The ValueError messages of a wrong vocab_start and of a target past the global
+    vocabulary (validate=True: every rank raises after the same collective)."""
+    c = make_head_case(n_groups=2, group_size=2, vocab=VOCAB, seed=23)
+    messages = {}
+    for name, start, bad_target in (("overlapping", 0, False), ("target", None, True)):
+        targets = c["target_ids"].clone()
+        if bad_target:
+            targets[0, 0] = VOCAB  # counted (every row's first token is)
+        try:
+            fused_linear_lpo_loss(c["hidden"], _shard(c["weight"], tp), targets, c["mask"],
+                                  c["group_ids"], c["rewards"], validate=True,
+                                  tp_group=tp["group"], vocab_start=start)
+            messages[name] = ""
+        except ValueError as error:
+            messages[name] = str(error)
+    return messages
 
 
 def _free_port():
@@ -220,6 +240,16 @@ REPLICATED = ("loss", "loss0", "loss1", "logp", "entropy")  # must be bitwise eq
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 @pytest.mark.parametrize("world", [2, 3])
+def test_bad_layout_and_targets_raise_on_every_rank(world):
+    for rank, results in enumerate(_ranks(world)):
+        errors = results["errors"]
+        # rank 0 really starts at 0: only the others' overlap is wrong, but all ranks see it
+        assert "vocab_start" in errors["overlapping"] and "rank order" in errors["overlapping"], rank
+        assert f"[0, {VOCAB})" in errors["target"], (rank, errors["target"])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+@pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", list(CASES))
 def test_vocab_parallel_equals_single_process(world, name, references):
     ranks = [results[name] for results in _ranks(world)]
@@ -254,3 +284,87 @@ def test_without_tp_group_vocab_start_is_rejected():
     c = make_head_case(vocab=VOCAB)
     with pytest.raises(ValueError, match="vocab_start"):
         fused_linear_logprobs(c["hidden"], c["weight"], c["target_ids"].clamp(min=0), vocab_start=3)
+
+
+# --------------------------------------------------------------------------- megatron-core
+MEGATRON_SHAPE = dict(tokens=23, hidden=16, vocab=42)
+
+
+def _megatron_worker(rank, world, port, out_dir):
+    """The LM head built by megatron-core's own ColumnParallelLinear (CPU initialisation),
+    its process group from parallel_state; our head vs Megatron's vocab-parallel
+    cross-entropy on the same slices."""
+    from megatron.core import parallel_state
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.tensor_parallel import (ColumnParallelLinear,
+                                               copy_to_tensor_model_parallel_region,
+                                               vocab_parallel_cross_entropy)
+    from megatron.core.tensor_parallel.utils import VocabUtility
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+        config = ModelParallelConfig(tensor_model_parallel_size=world, use_cpu_initialization=True,
+                                     params_dtype=torch.float64)
+        torch.manual_seed(0)  # the same master weight on every rank, as Megatron requires
+        n, h_size, vocab = MEGATRON_SHAPE.values()
+        lm_head = ColumnParallelLinear(h_size, vocab, config=config, bias=False, gather_output=False,
+                                       init_method=lambda w: torch.nn.init.normal_(w, std=0.4),
+                                       keep_master_weight_for_test=True)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(
+            lm_head.weight.shape[0], tp_rank, world)
+        g = torch.Generator().manual_seed(5)
+        hidden = torch.randn(n, h_size, generator=g, dtype=torch.float64)
+        targets = torch.randint(0, vocab, (n,), generator=g)
+        upstream = torch.randn(n, generator=g, dtype=torch.float64)
+
+        h_ours = hidden.clone().requires_grad_()
+        w_ours = lm_head.weight.detach().clone().requires_grad_()
+        logp, entropy = fused_linear_logprobs(h_ours, w_ours, targets, return_entropy=True,
+                                              backend="torch", tp_group=tp_group,
+                                              vocab_start=vocab_start)
+        (logp * upstream).sum().backward()
+
+        h_meg = hidden.clone().requires_grad_()
+        logits = copy_to_tensor_model_parallel_region(h_meg) @ lm_head.weight.t()
+        megatron_logp = -vocab_parallel_cross_entropy(logits, targets)
+        (megatron_logp * upstream).sum().backward()
+        torch.save(dict(logp=logp.detach(), entropy=entropy, grad_hidden=h_ours.grad,
+                        grad_weight=w_ours.grad, megatron_logp=megatron_logp.detach(),
+                        megatron_grad_hidden=h_meg.grad, megatron_grad_weight=lm_head.weight.grad,
+                        master_weight=lm_head.master_weight, shard=lm_head.weight.detach(), hidden=hidden, targets=targets,
+                        upstream=upstream, vocab_range=(vocab_start, vocab_end)),
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not HAS_MEGATRON, reason="megatron-core is not installed")
+def test_megatron_core_column_parallel_head():
+    ranks = _spawn(_megatron_worker, 2)
+    first = ranks[0]
+    master = first["master_weight"].double()  # Megatron keeps its fp32 master for tests
+    h = first["hidden"].clone().requires_grad_()
+    w = master.clone().requires_grad_()
+    logp, entropy = fused_linear_logprobs(h, w, first["targets"], return_entropy=True)
+    (logp * first["upstream"]).sum().backward()
+    tol = dict(rtol=1e-10, atol=1e-12)
+    megatron_tol = dict(rtol=1e-5, atol=1e-6)  # Megatron's cross-entropy upcasts to fp32 only
+    for rank, got in enumerate(ranks):
+        start, end = got["vocab_range"]
+        assert torch.equal(got["master_weight"].double()[start:end], got["shard"])  # contiguous slice
+        assert (start, end) == (rank * 21, (rank + 1) * 21)  # Megatron's equal slices
+        assert_close(got["logp"], got["megatron_logp"], name="logp vs Megatron", **megatron_tol)
+        assert_close(got["grad_hidden"], got["megatron_grad_hidden"], name="grad hidden vs Megatron",
+                     **megatron_tol)
+        assert_close(got["grad_weight"], got["megatron_grad_weight"], name="grad weight vs Megatron",
+                     **megatron_tol)
+        assert_close(got["logp"], logp, name="logp vs one process", **tol)
+        assert_close(got["entropy"], entropy, name="entropy vs one process", **tol)
+        assert_close(got["grad_hidden"], h.grad, name="grad hidden vs one process", **tol)
+        assert_close(got["grad_weight"], w.grad[start:end], name="grad weight vs one process", **tol)
