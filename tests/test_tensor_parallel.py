@@ -10,6 +10,7 @@ single-process reference runs here. Each case function takes the rank's ``(weigh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import tempfile
@@ -19,8 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lpo_kernels.fused_linear import (fused_linear_grpo_loss, fused_linear_logprobs,
-                                      fused_linear_lpo_group_stats, fused_linear_lpo_loss)
+from lpo_kernels.fused_linear import (FusedLinearLPOLoss, fused_linear_grpo_loss,
+                                      fused_linear_logprobs, fused_linear_lpo_group_stats,
+                                      fused_linear_lpo_loss)
 from lpo_kernels.group_stats import combine_group_stats
 
 from .test_fused_linear import make_head_case
@@ -69,15 +71,17 @@ def _stats(stats):
 
 
 # --------------------------------------------------------------------------- cases
-def _lpo(tp, *, dtype, mode, backend, packed, explicit_start=False, chunk_tokens=10, seed=3):
+def _lpo(tp, *, dtype, mode, backend, packed, explicit_start=False, chunk_tokens=10, seed=3,
+         module=False):
     c = make_head_case(n_groups=3, group_size=4, seq_len=5, vocab=VOCAB, dtype=dtype, bias=True,
                        packed=packed, shuffle=True, seed=seed)
     h, w, b = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp)), _leaf(_shard(c["bias"], tp))
-    loss, stats, outs = fused_linear_lpo_loss(
-        h, w, c["target_ids"], c["mask"], c["group_ids"], c["rewards"], bias=b,
-        old_logp=c["old_logp"], cu_seqlens=c["cu_seqlens"], temperature=0.9, mode=mode,
-        chunk_tokens=chunk_tokens, backend=backend, divergence="alpha", alpha=0.4,
-        target="rloo", return_logp=True, return_entropy=True, **_tp_kwargs(tp, explicit_start))
+    options = dict(temperature=0.9, mode=mode, chunk_tokens=chunk_tokens, backend=backend,
+                   divergence="alpha", alpha=0.4, target="rloo", **_tp_kwargs(tp, explicit_start))
+    head = FusedLinearLPOLoss(**options) if module else functools.partial(fused_linear_lpo_loss, **options)
+    loss, stats, outs = head(h, w, c["target_ids"], c["mask"], c["group_ids"], c["rewards"], bias=b,
+                             old_logp=c["old_logp"], cu_seqlens=c["cu_seqlens"], return_logp=True,
+                             return_entropy=True)
     loss.backward()
     return _grads(dict(loss=loss.detach(), logp=outs.logp, entropy=outs.entropy, **_stats(stats)),
                   h, w, b)
@@ -154,7 +158,8 @@ CASES = {
     "lpo_fast_f64": lambda tp: _lpo(tp, dtype=F64, mode="fast", backend="torch", packed=False),
     "lpo_low_memory_f64_packed": lambda tp: _lpo(tp, dtype=F64, mode="low_memory", backend="torch",
                                                  packed=True, explicit_start=True),
-    "lpo_fast_f64_packed": lambda tp: _lpo(tp, dtype=F64, mode="fast", backend="torch", packed=True),
+    "lpo_fast_f64_packed_module": lambda tp: _lpo(tp, dtype=F64, mode="fast", backend="torch",
+                                                  packed=True, module=True),
     "lpo_low_memory_f32": lambda tp: _lpo(tp, dtype=F32, mode="low_memory", backend="torch",
                                           packed=False),
     "lpo_fast_f32_triton": lambda tp: _lpo(tp, dtype=F32, mode="fast", backend="triton",
@@ -173,13 +178,20 @@ REFERENCES = {"lpo_split_groups_fast": lambda: _lpo_whole_for_split(None, mode="
 
 # --------------------------------------------------------------------------- processes
 def _worker(rank, world, port, out_dir):
+    """Every case on the 3-rank world group, then on the 2-rank subgroup {0, 1} (a TP group
+    inside a larger world, as in Megatron); one process start-up serves both."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        tp = dict(group=dist.group.WORLD, world=world, rank=rank)
-        results = {name: case(tp) for name, case in CASES.items()}
-        results["errors"] = _bad_layouts(tp)
+        groups = {world: dist.group.WORLD, 2: dist.new_group([0, 1])}  # every rank must call
+        results = {}
+        for size, group in groups.items():
+            if rank >= size:
+                continue
+            tp = dict(group=group, world=size, rank=rank)
+            results[size] = {name: case(tp) for name, case in CASES.items()}
+            results[size]["errors"] = _bad_layouts(tp)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -216,14 +228,14 @@ def _spawn(worker, world, *args):
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
 
 
-_RUNS: dict[int, list] = {}
+_RUNS: list = []
 
 
 def _ranks(world):
-    """Every case on every rank of a ``world``-process gloo group (spawned once)."""
-    if world not in _RUNS:
-        _RUNS[world] = _spawn(_worker, world)
-    return _RUNS[world]
+    """Every rank's results on the ``world``-rank group (3 processes spawned once)."""
+    if not _RUNS:
+        _RUNS.append(_spawn(_worker, 3))
+    return [results[world] for results in _RUNS[0] if world in results]
 
 
 @pytest.fixture(scope="module")
