@@ -192,6 +192,7 @@ def _worker(rank, world, port, out_dir):
             tp = dict(group=group, world=size, rank=rank)
             results[size] = {name: case(tp) for name, case in CASES.items()}
             results[size]["errors"] = _bad_layouts(tp)
+            results[size]["collectives"] = _count_collectives(tp)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -214,6 +215,53 @@ def _bad_layouts(tp):
         except ValueError as error:
             messages[name] = str(error)
     return messages
+
+
+class _CountingDist:
+    """torch.distributed, recording (collective, elements sent by this rank)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(dist, name)
+
+    def all_gather(self, outputs, tensor, group=None):
+        self.calls.append(("all_gather", tensor.numel()))
+        return dist.all_gather(outputs, tensor, group=group)
+
+    def all_reduce(self, tensor, group=None):
+        self.calls.append(("all_reduce", tensor.numel()))
+        return dist.all_reduce(tensor, group=group)
+
+
+def _count_collectives(tp):
+    """The collectives of a low_memory LPO call with entropy (sizes all-gathered) and of a
+    log-probs call with vocab_start given, forward and backward (checked against the
+    documented counts in test_communication_is_a_few_numbers_per_token)."""
+    from lpo_kernels import tensor_parallel
+
+    c = make_head_case(n_groups=3, group_size=4, seq_len=5, vocab=VOCAB, seed=29)
+    counted = {}
+    for name in ("lpo_low_memory", "logprobs"):
+        counter = _CountingDist()
+        tensor_parallel.dist, saved = counter, tensor_parallel.dist
+        try:
+            h, w = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp))
+            if name == "lpo_low_memory":
+                loss, _, _ = fused_linear_lpo_loss(
+                    h, w, c["target_ids"], c["mask"], c["group_ids"], c["rewards"],
+                    old_logp=c["old_logp"], mode="low_memory", chunk_tokens=16,
+                    return_entropy=True, validate=False, tp_group=tp["group"])
+            else:
+                loss = fused_linear_logprobs(h, w, c["target_ids"], chunk_tokens=16,
+                                             **_tp_kwargs(tp, explicit_start=True)).sum()
+            n_forward = len(counter.calls)
+            loss.backward()
+        finally:
+            tensor_parallel.dist = saved
+        counted[name] = (counter.calls[:n_forward], counter.calls[n_forward:])
+    return counted
 
 
 def _free_port():
@@ -258,6 +306,23 @@ def test_bad_layout_and_targets_raise_on_every_rank(world):
         # rank 0 really starts at 0: only the others' overlap is wrong, but all ranks see it
         assert "vocab_start" in errors["overlapping"] and "rank order" in errors["overlapping"], rank
         assert f"[0, {VOCAB})" in errors["target"], (rank, errors["target"])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+@pytest.mark.parametrize("world", [2, 3])
+def test_communication_is_a_few_numbers_per_token(world):
+    """README/module docstring: one all-gather of k numbers per token per chunk (k=3, 4 with
+    entropy), one of the slice sizes unless vocab_start is given, one all-reduce of
+    grad-hidden in the backward; nothing of size V."""
+    n_tokens, hidden_size, chunk = 12 * 5, 16, 16  # make_head_case's padded [12, 5, 16]
+    chunks = [min(chunk, n_tokens - a) for a in range(0, n_tokens, chunk)]
+    for results in _ranks(world):
+        forward, backward = results["collectives"]["lpo_low_memory"]
+        assert forward == [("all_gather", 1)] + [("all_gather", 4 * n) for n in chunks]
+        assert backward == [("all_reduce", n_tokens * hidden_size)]
+        forward, backward = results["collectives"]["logprobs"]
+        assert forward == [("all_gather", 3 * n) for n in chunks]
+        assert backward == [("all_reduce", n_tokens * hidden_size)]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
