@@ -395,7 +395,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     if shard is None:
         _check_targets_in_vocab(head, mask, validate)
     else:
-        shard.check_targets(head, mask, validate)
+        shard.check_inputs(head, mask, validate)
     if group_stats is not None:
         others = check_group_stats(group_stats, hidden.device)
         if group_ids is None:
@@ -630,7 +630,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     if shard is None:
         _check_targets_in_vocab(head, mask, None)
     else:
-        shard.check_targets(head, mask, None)
+        shard.check_inputs(head, mask, None)
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
     rows_per_chunk = max(1, chunk_tokens // max(seq_len, 1))
     row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)

@@ -38,7 +38,8 @@ in all, e.g. 8·3·8192·4 B = 786 KB per 8192-token chunk at TP=8), plus one al
 ``W`` int64 (the slice sizes; skipped with ``vocab_start=``), plus one all-reduce of the
 ``n x H`` grad-hidden in the backward when hidden needs a gradient. Never logits.
 low_memory's second pass and the log-probs' backward reuse the stored global lse: no
-collective. With ``validate`` (default: CPU tensors) one more all-gather checks the layout.
+collective. With ``validate`` (default: CPU tensors) two more small all-gathers check the
+layout and that hidden/targets agree across ranks.
 """
 
 from __future__ import annotations
@@ -75,18 +76,27 @@ class VocabShard:
         dist.all_gather(list(out.unbind(0)), pack.contiguous(), group=self.group)
         return out
 
-    def check_targets(self, head, mask, validate) -> None:
-        """Counted tokens must have a target in [0, V) of the global vocabulary, and the
-        slices must tile [0, V) in rank order (host sync + a collective: behind validate)."""
+    def check_inputs(self, head, mask, validate) -> None:
+        """The slices tile [0, V) in rank order, counted tokens have a target in [0, V) of
+        the global vocabulary, and hidden/targets agree on every rank (two checksums).
+        Host syncs and two small collectives: behind ``validate``."""
         if not resolve_validate(validate, head.hidden.device):
             return
-        layout = torch.tensor([int(self.vocab_start), self.shard_size], dtype=torch.long,
-                              device=head.hidden.device)
+        device = head.hidden.device
+        layout = torch.tensor([int(self.vocab_start), self.shard_size], dtype=torch.long, device=device)
         starts, sizes = self.gather(layout).t().tolist()
         expected = [sum(sizes[:r]) for r in range(self.world)]
         if starts != expected:
             raise ValueError(f"vocab_start: the ranks' slices must tile the vocabulary in rank "
                              f"order; got starts {starts} for sizes {sizes} (expected {expected})")
+        rows = head.hidden.double().sum(1)
+        position = torch.arange(1, rows.shape[0] + 1, dtype=torch.float64, device=device)
+        sums = torch.stack([torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=device),
+                            rows.sum(), (rows * position).sum(), (head.targets.double() * position).sum()])
+        everyone = self.gather(sums)
+        if not torch.allclose(everyone, everyone[:1].expand_as(everyone), rtol=1e-9, atol=1e-9):
+            raise ValueError("hidden and target_ids must be the same on every rank of tp_group "
+                             "(with sequence parallelism, gather the sequence first)")
         vocab = sum(sizes)
         targets = head.targets
         counted = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.reshape(-1) != 0

@@ -202,12 +202,14 @@ def _bad_layouts(tp):
     vocabulary (validate=True: every rank raises after the same collective)."""
     c = make_head_case(n_groups=2, group_size=2, vocab=VOCAB, seed=23)
     messages = {}
-    for name, start, bad_target in (("overlapping", 0, False), ("target", None, True)):
+    for name, start, bad_target in (("overlapping", 0, False), ("target", None, True),
+                                    ("hidden", None, False)):
         targets = c["target_ids"].clone()
         if bad_target:
             targets[0, 0] = VOCAB  # counted (every row's first token is)
+        hidden = c["hidden"] + 1e-3 * tp["rank"] if name == "hidden" else c["hidden"]
         try:
-            fused_linear_lpo_loss(c["hidden"], _shard(c["weight"], tp), targets, c["mask"],
+            fused_linear_lpo_loss(hidden, _shard(c["weight"], tp), targets, c["mask"],
                                   c["group_ids"], c["rewards"], validate=True,
                                   tp_group=tp["group"], vocab_start=start)
             messages[name] = ""
@@ -307,6 +309,7 @@ def test_bad_layout_and_targets_raise_on_every_rank(world):
         # rank 0 really starts at 0: only the others' overlap is wrong, but all ranks see it
         assert "vocab_start" in errors["overlapping"] and "rank order" in errors["overlapping"], rank
         assert f"[0, {VOCAB})" in errors["target"], (rank, errors["target"])
+        assert "same on every rank" in errors["hidden"], (rank, errors["hidden"])
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
