@@ -70,9 +70,9 @@ def _stats(stats):
 
 # --------------------------------------------------------------------------- cases
 def _lpo(tp, *, dtype, mode, backend, packed, explicit_start=False, chunk_tokens=10, seed=3,
-         module=False):
+         module=False, device="cpu"):
     c = make_head_case(n_groups=3, group_size=4, seq_len=5, vocab=VOCAB, dtype=dtype, bias=True,
-                       packed=packed, shuffle=True, seed=seed)
+                       packed=packed, shuffle=True, seed=seed, device=device)
     h, w, b = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp)), _leaf(_shard(c["bias"], tp))
     options = dict(temperature=0.9, mode=mode, chunk_tokens=chunk_tokens, backend=backend,
                    divergence="alpha", alpha=0.4, target="rloo", **_tp_kwargs(tp, explicit_start))
@@ -138,15 +138,15 @@ def _grpo(tp, *, dtype, loss_type):
     return _grads(dict(loss=loss.detach(), logp=logp, **_stats(stats)), h, w, b)
 
 
-def _logprobs(tp, *, dtype, backend, explicit_start=False):
+def _logprobs(tp, *, dtype, backend, explicit_start=False, device="cpu"):
     c = make_head_case(n_groups=2, group_size=3, seq_len=7, vocab=VOCAB, dtype=dtype, bias=True,
-                       packed=True, seed=19)
+                       packed=True, seed=19, device=device)
     h, w, b = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp)), _leaf(_shard(c["bias"], tp))
     logp, entropy = fused_linear_logprobs(h, w, c["target_ids"], bias=b, temperature=0.8,
                                           return_entropy=True, chunk_tokens=9, backend=backend,
                                           **_tp_kwargs(tp, explicit_start))
     g = torch.Generator().manual_seed(20)
-    weights = torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.dtype)
+    weights = torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.device, logp.dtype)
     (logp * weights).sum().backward()
     return _grads(dict(logp=logp.detach(), entropy=entropy), h, w, b)
 
@@ -449,3 +449,56 @@ def test_megatron_core_column_parallel_head():
         assert_close(got["entropy"], entropy, name="entropy vs one process", **tol)
         assert_close(got["grad_hidden"], h.grad, name="grad hidden vs one process", **tol)
         assert_close(got["grad_weight"], w.grad[start:end], name="grad weight vs one process", **tol)
+
+
+# --------------------------------------------------------------------------- GPU
+def _device_cases(device):
+    """fp32/bf16 through the Triton and (on CUDA, where built) the CUDA row kernels."""
+    from lpo_kernels.cuda import cuda_extension_available
+
+    backends = ["triton"] + (["cuda"] if device == "cuda" and cuda_extension_available() else [])
+    cases = {}
+    for backend in backends:
+        cases[f"lpo_fast_f32_{backend}"] = functools.partial(
+            _lpo, dtype=F32, mode="fast", backend=backend, packed=False, device=device)
+        cases[f"lpo_low_memory_f32_{backend}"] = functools.partial(
+            _lpo, dtype=F32, mode="low_memory", backend=backend, packed=True, device=device)
+        cases[f"logprobs_bf16_{backend}"] = functools.partial(
+            _logprobs, dtype=torch.bfloat16, backend=backend, device=device)
+    return cases
+
+
+def _device_worker(rank, world, port, out_dir, device):
+    """Two ranks on one GPU (gloo moves CUDA tensors; NCCL needs one GPU per rank)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tp = dict(group=dist.group.WORLD, world=world, rank=rank)
+        results = {name: case(tp) for name, case in _device_cases(device).items()}
+        torch.save({name: {k: v.cpu() for k, v in r.items()} for name, r in results.items()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def check_device_backends(device):
+    ranks = _spawn(_device_worker, 2, device)
+    tolerance = {"f32": dict(rtol=1e-4, atol=1e-5), "bf16": dict(rtol=2e-2, atol=3e-2)}
+    for name, case in _device_cases(device).items():
+        expected = {k: v.cpu() for k, v in case(None).items()}
+        tol = next(t for key, t in tolerance.items() if key in name)
+        for rank, results in enumerate(ranks):
+            got = results[name]
+            start = sum(SPLITS[2][:rank])
+            rows = slice(start, start + SPLITS[2][rank])
+            for key, want in expected.items():
+                want = want[rows] if key in ("grad_weight", "grad_bias") else want
+                assert_close(got[key], want, name=f"{name} rank {rank} {key}", **tol)
+    return sorted(_device_cases(device))
+
+
+@pytest.mark.gpu
+def test_gpu_vocab_parallel_triton_and_cuda_backends():
+    assert check_device_backends("cuda")
