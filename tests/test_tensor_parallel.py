@@ -3,9 +3,11 @@ ranks with unequal vocabulary slices: loss, stats, log-probs, entropy and the gr
 hidden / weight slice / bias slice must equal the single-process full-vocabulary result
 (fp64 to 1e-10 relative), and the replicated outputs must be bitwise equal on every rank.
 
-Every case runs in one spawn per world size (one process-group set-up per module); the
-single-process reference runs here. Each case function takes the rank's ``(weight, bias)``
-(the full head when ``tp`` is None) and returns a dict of tensors."""
+One spawn of 3 processes per module runs every case on the 3-rank world group and on a
+2-rank subgroup; the single-process reference runs here. A case function takes ``tp``
+(group, world, rank; None = one process with the full head), slices the weight/bias for
+its rank and returns a dict of tensors. Optional parts: a megatron-core check (skipped
+where megatron-core is not installed) and a ``gpu``-marked run of the Triton/CUDA kernels."""
 
 from __future__ import annotations
 
