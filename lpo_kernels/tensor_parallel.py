@@ -112,7 +112,13 @@ def vocab_shard(tp_group, weight: Tensor, vocab_start=None) -> VocabShard | None
         if vocab_start is not None:
             raise ValueError("vocab_start needs tp_group")
         return None
-    if not (dist.is_available() and dist.is_initialized()):
+    if not dist.is_available():
+        raise RuntimeError("tp_group needs torch.distributed, which this torch build lacks")
+    if not isinstance(tp_group, dist.ProcessGroup):
+        raise TypeError(f"tp_group must be a torch.distributed ProcessGroup (e.g. Megatron's "
+                        f"parallel_state.get_tensor_model_parallel_group()), got "
+                        f"{type(tp_group).__name__}")
+    if not dist.is_initialized():
         raise RuntimeError("tp_group needs an initialised torch.distributed process group")
     world, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     if rank < 0:

@@ -363,10 +363,13 @@ def test_grad_weight_slices_cover_the_full_gradient(references):
     assert_close(full, references["lpo_fast_f64"]["grad_weight"], rtol=1e-10, atol=1e-12)
 
 
-def test_without_tp_group_vocab_start_is_rejected():
+def test_bad_tp_arguments_name_the_argument():
     c = make_head_case(vocab=VOCAB)
+    args = (c["hidden"], c["weight"], c["target_ids"].clamp(min=0))
     with pytest.raises(ValueError, match="vocab_start"):
-        fused_linear_logprobs(c["hidden"], c["weight"], c["target_ids"].clamp(min=0), vocab_start=3)
+        fused_linear_logprobs(*args, vocab_start=3)
+    with pytest.raises(TypeError, match="tp_group"):
+        fused_linear_logprobs(*args, tp_group="tp")
 
 
 # --------------------------------------------------------------------------- megatron-core
