@@ -145,10 +145,15 @@ def row_kernels(backend: str, shard: VocabShard | None):
 
     def sharded_row_stats(logits, targets, inv_temperature, return_entropy=False):
         local = shard.local_targets(targets)
-        lse_r, _, entropy_r = row_stats(logits, local, inv_temperature, return_entropy)
+        lse_r, logp_r, entropy_r = row_stats(logits, local, inv_temperature, return_entropy)
         owned = local >= 0
-        z = logits.gather(1, local.clamp(min=0)[:, None]).squeeze(1).to(lse_r.dtype) * inv_temperature
-        parts = [lse_r, torch.where(owned, z, torch.zeros_like(z)), owned.to(lse_r.dtype)]
+        # z[target] = logp_r + lse_r by the row kernels' contract: whatever map the kernel
+        # applies to the logits (temperature, ...) is the one used here
+        # applies to the logits (temperature, ...) is the one used here; a slice of -inf
+        # logits (lse_r = -inf) has z[target] = -inf, not -inf - -inf
+        target_z = torch.where(torch.isneginf(lse_r), lse_r, logp_r + lse_r)
+        target_z = torch.where(owned, target_z, torch.zeros_like(lse_r))
+        parts = [lse_r, target_z, owned.to(lse_r.dtype)]
         if return_entropy:
             parts.append(lse_r - entropy_r)  # E_r[z], the slice's softmax-mean of z
         everyone = shard.gather(torch.stack(parts))  # [W, k, n]: the only communication

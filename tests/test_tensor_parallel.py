@@ -140,17 +140,24 @@ def _grpo(tp, *, dtype, loss_type):
     return _grads(dict(loss=loss.detach(), logp=logp, **_stats(stats)), h, w, b)
 
 
-def _logprobs(tp, *, dtype, backend, explicit_start=False, device="cpu"):
+def _logprobs(tp, *, dtype, backend, explicit_start=False, device="cpu", masked_vocab=False):
     c = make_head_case(n_groups=2, group_size=3, seq_len=7, vocab=VOCAB, dtype=dtype, bias=True,
                        packed=True, seed=19, device=device)
+    targets = c["target_ids"]
+    if masked_vocab:  # ids [0, 9) masked by a -inf bias: all of rank 0's slice at world 3
+        c["bias"][:9] = float("-inf")
+        targets = targets.clamp(min=9)
     h, w, b = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp)), _leaf(_shard(c["bias"], tp))
-    logp, entropy = fused_linear_logprobs(h, w, c["target_ids"], bias=b, temperature=0.8,
-                                          return_entropy=True, chunk_tokens=9, backend=backend,
-                                          **_tp_kwargs(tp, explicit_start))
+    # the one-process entropy of a row with -inf logits is not defined here (issue 13)
+    out = fused_linear_logprobs(h, w, targets, bias=b, temperature=0.8,
+                                return_entropy=not masked_vocab, chunk_tokens=9, backend=backend,
+                                **_tp_kwargs(tp, explicit_start))
+    logp, entropy = (out, None) if masked_vocab else out
     g = torch.Generator().manual_seed(20)
     weights = torch.randn(logp.shape, generator=g, dtype=torch.float64).to(logp.device, logp.dtype)
     (logp * weights).sum().backward()
-    return _grads(dict(logp=logp.detach(), entropy=entropy), h, w, b)
+    out = dict(logp=logp.detach()) if masked_vocab else dict(logp=logp.detach(), entropy=entropy)
+    return _grads(out, h, w, b)
 
 
 F64, F32 = torch.float64, torch.float32
@@ -172,6 +179,8 @@ CASES = {
     "logprobs_f32_explicit_start": lambda tp: _logprobs(tp, dtype=F32, backend="torch",
                                                         explicit_start=True),
     "logprobs_bf16": lambda tp: _logprobs(tp, dtype=torch.bfloat16, backend="torch"),
+    "logprobs_f64_masked_vocab": lambda tp: _logprobs(tp, dtype=F64, backend="torch",
+                                                      masked_vocab=True),
 }
 REFERENCES = {"lpo_split_groups_fast_f64": lambda: _lpo_whole_for_split(None, mode="fast"),
               "lpo_split_groups_low_memory_f64": lambda: _lpo_whole_for_split(None, mode="low_memory")}
