@@ -72,12 +72,13 @@ def _stats(stats):
 
 # --------------------------------------------------------------------------- cases
 def _lpo(tp, *, dtype, mode, backend, packed, explicit_start=False, chunk_tokens=10, seed=3,
-         module=False, device="cpu"):
+         module=False, device="cpu", **head_options):
     c = make_head_case(n_groups=3, group_size=4, seq_len=5, vocab=VOCAB, dtype=dtype, bias=True,
                        packed=packed, shuffle=True, seed=seed, device=device)
     h, w, b = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp)), _leaf(_shard(c["bias"], tp))
     options = dict(temperature=0.9, mode=mode, chunk_tokens=chunk_tokens, backend=backend,
-                   divergence="alpha", alpha=0.4, target="rloo", **_tp_kwargs(tp, explicit_start))
+                   divergence="alpha", alpha=0.4, target="rloo", **head_options,
+                   **_tp_kwargs(tp, explicit_start))
     head = FusedLinearLPOLoss(**options) if module else functools.partial(fused_linear_lpo_loss, **options)
     loss, stats, outs = head(h, w, c["target_ids"], c["mask"], c["group_ids"], c["rewards"], bias=b,
                              old_logp=c["old_logp"], cu_seqlens=c["cu_seqlens"], return_logp=True,
@@ -171,6 +172,8 @@ CASES = {
                                           packed=False),
     "lpo_fast_f32_triton": lambda tp: _lpo(tp, dtype=F32, mode="fast", backend="triton",
                                            packed=False, chunk_tokens=30),
+    "lpo_low_memory_f64_softcap": lambda tp: _softcapped(_lpo, tp, dtype=F64, mode="low_memory",
+                                                         backend="torch", packed=False),
     "lpo_split_groups_fast_f64": lambda tp: _lpo_split_groups(tp, mode="fast"),
     "lpo_split_groups_low_memory_f64": lambda tp: _lpo_split_groups(tp, mode="low_memory"),
     "grpo_dapo_f64": lambda tp: _grpo(tp, dtype=F64, loss_type="dapo"),
@@ -184,6 +187,19 @@ CASES = {
 }
 REFERENCES = {"lpo_split_groups_fast_f64": lambda: _lpo_whole_for_split(None, mode="fast"),
               "lpo_split_groups_low_memory_f64": lambda: _lpo_whole_for_split(None, mode="low_memory")}
+
+
+def _softcapped(case, tp, **kwargs):
+    """A case with a Gemma-2 style soft-cap and logit scale, the cap's gradient chain run
+    over 7-column vocabulary slices (so the targets are shifted twice: slice of the rank's
+    shard, column slice of that)."""
+    from lpo_kernels import logit_transform
+
+    saved, logit_transform.SLICE_COLUMNS = logit_transform.SLICE_COLUMNS, 7
+    try:
+        return case(tp, softcap=2.0, logit_scale=1.3, **kwargs)
+    finally:
+        logit_transform.SLICE_COLUMNS = saved
 
 
 # --------------------------------------------------------------------------- processes
