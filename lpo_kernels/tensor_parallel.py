@@ -63,7 +63,6 @@ class VocabShard:
     rank: int
     shard_size: int          # V_r, rows of this rank's weight
     vocab_start: object      # int, or an int64 0-dim tensor (all-gathered: no host sync)
-    vocab_size: object       # global V: int / tensor, or None when vocab_start was given
 
     def local_targets(self, targets: Tensor) -> Tensor:
         """Global ids -> ids in this slice; -1 where another rank (or none) owns the id."""
@@ -128,11 +127,10 @@ def vocab_shard(tp_group, weight: Tensor, vocab_start=None) -> VocabShard | None
         size = torch.tensor([shard_size], dtype=torch.long, device=weight.device)
         sizes = torch.empty(world, 1, dtype=torch.long, device=weight.device)
         dist.all_gather(list(sizes.unbind(0)), size, group=tp_group)
-        sizes = sizes.view(-1)
-        return VocabShard(tp_group, world, rank, shard_size, sizes[:rank].sum(), sizes.sum())
+        return VocabShard(tp_group, world, rank, shard_size, sizes.view(-1)[:rank].sum())
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
-    return VocabShard(tp_group, world, rank, shard_size, vocab_start, None)
+    return VocabShard(tp_group, world, rank, shard_size, vocab_start)
 
 
 def row_kernels(backend: str, shard: VocabShard | None):
@@ -148,7 +146,6 @@ def row_kernels(backend: str, shard: VocabShard | None):
         lse_r, logp_r, entropy_r = row_stats(logits, local, inv_temperature, return_entropy)
         owned = local >= 0
         # z[target] = logp_r + lse_r by the row kernels' contract: whatever map the kernel
-        # applies to the logits (temperature, ...) is the one used here
         # applies to the logits (temperature, ...) is the one used here; a slice of -inf
         # logits (lse_r = -inf) has z[target] = -inf, not -inf - -inf
         target_z = torch.where(torch.isneginf(lse_r), lse_r, logp_r + lse_r)
