@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 from .functional import listwise_forward_impl, resolve_backend
 from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_with_group_stats,
                           lpo_group_stats)
@@ -384,7 +385,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                           group_size=None, cu_seqlens=None, group_stats=None, mode="fast",
                           chunk_tokens=None, return_logp=False, return_entropy=False,
                           backend="auto", grad_weight_fp32=True, validate=None, softcap=None,
-                          logit_scale=1.0, token_grad_weights=None, **lpo_options):
+                          logit_scale=1.0, token_grad_weights=None, tp_group=None,
+                          vocab_start=None, **lpo_options):
     """LPO loss from hidden states and the LM head, without materialising the logits.
 
     Args:
@@ -411,6 +413,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
         chunk_tokens: tokens per chunk (fast: a target, rounded to whole groups, default
             8192; low_memory: default 1024).
         grad_weight_fp32: accumulate grad-weight in fp32 (default) or in weight's dtype.
+        tp_group, vocab_start: vocabulary-parallel head: ``weight``/``bias`` are this rank's
+            slice of the vocabulary (see ``lpo_kernels/tensor_parallel.py``).
 
     Returns ``(loss, stats)``, or ``(loss, stats, HeadOutputs(logp, entropy))`` when
     ``return_logp`` or ``return_entropy`` is set (detached, input token layout).
@@ -429,7 +433,11 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                                   options=options, cu_seqlens=cu_seqlens, group_size=group_size,
                                   validate=validate)
     check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, group_ids=group_ids)
-    _check_targets_in_vocab(head, mask, validate)
+    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
+    if shard is None:
+        _check_targets_in_vocab(head, mask, validate)
+    else:
+        shard.check_inputs(head, mask, validate)
     if group_stats is not None:
         others = check_group_stats(group_stats, hidden.device)
         if group_ids is None:
@@ -440,7 +448,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
             return listwise_forward_with_group_stats(b, o, others)
     else:
         step = listwise_forward_impl(head.backend)
-    row_stats, grad_inplace = row_kernels(head.backend)
+    row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
     flat_weights = _check_token_grad_weights(token_grad_weights, head, hidden.device)
     needs = _needs_grad(hidden, weight, bias)
     entropy = torch.zeros_like(logp) if return_entropy else None
@@ -504,6 +512,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
         else:
             scale = torch.ones((), dtype=result.loss.dtype, device=hidden.device)
         del buffer
+    hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
     loss = _attach(result.loss, scale, grads, hidden, weight, bias)
     if return_logp or return_entropy:
         return loss, result.stats, HeadOutputs(logp if return_logp else None, entropy)
@@ -513,11 +522,12 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
 class FusedLinearLPOLoss(torch.nn.Module):
     """Module form of :func:`fused_linear_lpo_loss`: options at construction
     (``mode``, ``chunk_tokens``, ``temperature``, ``group_size``, ``backend``,
-    ``grad_weight_fp32``, ``validate`` and the LPO options), tensors at call time."""
+    ``grad_weight_fp32``, ``validate``, ``tp_group``, ``vocab_start`` and the LPO
+    options), tensors at call time."""
 
     def __init__(self, *, mode="fast", chunk_tokens=None, temperature=1.0, group_size=None,
                  backend="auto", grad_weight_fp32=True, validate=None, softcap=None, logit_scale=1.0,
-                 **lpo_options):
+                 tp_group=None, vocab_start=None, **lpo_options):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -528,6 +538,8 @@ class FusedLinearLPOLoss(torch.nn.Module):
                                  group_size=group_size, backend=backend,
                                  grad_weight_fp32=grad_weight_fp32, validate=validate,
                                  softcap=softcap, logit_scale=logit_scale)
+        if tp_group is not None or vocab_start is not None:
+            self.head_options.update(tp_group=tp_group, vocab_start=vocab_start)
         self.lpo_options = dict(lpo_options)
 
     def forward(self, hidden, weight, target_ids, mask, group_ids, rewards=None, advantages=None,
@@ -551,8 +563,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: _Head, chunk_tokens: int, return_entropy: bool,
-                grad_weight_fp32: bool):
-        row_stats, _ = row_kernels(head.backend)
+                grad_weight_fp32: bool, shard=None):
+        row_stats, _ = tensor_parallel.row_kernels(head.backend, shard)
         n = head.hidden.shape[0]
         logp = torch.empty(n, dtype=head.logp_dtype, device=hidden.device)
         lse_all = torch.empty_like(logp)
@@ -566,6 +578,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if return_entropy:
                 entropy[chunk.tokens] = ent
         ctx.head, ctx.chunk_tokens, ctx.grad_weight_fp32 = head, chunk_tokens, grad_weight_fp32
+        ctx.shard = shard
         ctx.save_for_backward(lse_all)
         logp = logp.view(head.token_shape)
         if return_entropy:
@@ -578,7 +591,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, *unused):
         (lse_all,) = ctx.saved_tensors
         head = ctx.head
-        _, grad_inplace = row_kernels(head.backend)
+        _, grad_inplace = tensor_parallel.row_kernels(head.backend, ctx.shard)
         needs = ctx.needs_input_grad[:3]
         grads = _Grads(head, needs[0], needs[1], needs[2], ctx.grad_weight_fp32)
         grad_flat = grad_logp.reshape(-1)
@@ -592,27 +605,31 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         w_dtype = head.weight.dtype
         return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, -1),
                 None if grads.weight is None else grads.weight.to(w_dtype),
-                None if grads.bias is None else grads.bias.to(w_dtype), None, None, None, None)
+                None if grads.bias is None else grads.bias.to(w_dtype), None, None, None, None, None)
 
 
 def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=1.0,
                           return_entropy=False, chunk_tokens=None, backend="auto",
-                          grad_weight_fp32=True, softcap=None, logit_scale=1.0):
+                          grad_weight_fp32=True, softcap=None, logit_scale=1.0, tp_group=None,
+                          vocab_start=None):
     """``log_softmax((h W^T + b)/T)[target]`` per token without full logits.
 
     ``hidden`` ``[..., H]``, ``target_ids`` ``[...]``; returns logp ``[...]`` (fp32; fp64
     for fp64 inputs), differentiable w.r.t. hidden/weight/bias (backward recomputes the
     logits chunk by chunk), and with ``return_entropy`` also the tempered entropy
     (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient.
-    ``softcap``/``logit_scale``: as :func:`fused_linear_lpo_loss`."""
+    ``softcap``/``logit_scale``: as :func:`fused_linear_lpo_loss`.
+    ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``)."""
     packed = hidden.dim() == 2
     head = _check_head(hidden, weight, target_ids, bias, temperature, packed, backend, softcap, logit_scale) \
         if hidden.dim() in (2, 3) else None
     if head is None:
         raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "low_memory")
+    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
+    hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
     return _FusedLinearLogprobs.apply(hidden, weight, bias, head, chunk_tokens, return_entropy,
-                                      grad_weight_fp32)
+                                      grad_weight_fp32, shard)
 
 
 @torch.no_grad()
@@ -620,11 +637,12 @@ def fused_linear_lpo_group_stats(hidden, weight, target_ids, mask, group_ids, re
                                  advantages=None, *, bias=None, temperature=1.0, old_logp=None,
                                  cu_seqlens=None, target="grpo", seq_reduce="mean",
                                  chunk_tokens=None, backend="auto", validate=None, softcap=None,
-                                 logit_scale=1.0) -> LPOGroupStats:
+                                 logit_scale=1.0, tp_group=None, vocab_start=None) -> LPOGroupStats:
     """:func:`lpo_group_stats` from hidden states (one no-grad log-prob pass)."""
     logp = fused_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
                                  chunk_tokens=chunk_tokens, backend=backend, softcap=softcap,
-                                 logit_scale=logit_scale)
+                                 logit_scale=logit_scale, tp_group=tp_group,
+                                 vocab_start=vocab_start)
     return lpo_group_stats(logp, old_logp, mask, group_ids, rewards, advantages,
                            cu_seqlens=cu_seqlens, target=target, seq_reduce=seq_reduce,
                            validate=validate)
@@ -635,14 +653,16 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                            temperature=1.0, old_logp=None, ref_logp=None, chunk_tokens=None,
                            backend="auto", grad_weight_fp32=True, return_logp=False,
                            loss_type="grpo", clip_eps_low=0.2, clip_eps_high=0.2, beta=0.0,
-                           max_completion_length=None, softcap=None, logit_scale=1.0):
+                           max_completion_length=None, softcap=None, logit_scale=1.0,
+                           tp_group=None, vocab_start=None):
     """The GRPO baseline (``reference.grpo_forward``, TRL conventions) from padded hidden
     states ``[B, T, H]``, one pass over chunks of whole rows (6·N·H·V).
 
     GRPO's per-token gradient depends on its own token only, up to the loss type's
     normaliser: each chunk's gradient comes from ``grpo_forward`` on the chunk's rows,
     rescaled from the chunk's normaliser to the batch's (rows for grpo/dr_grpo, counted
-    tokens for bnpo/dapo). Returns ``(loss, stats)`` (+ ``logp`` when asked)."""
+    tokens for bnpo/dapo). Returns ``(loss, stats)`` (+ ``logp`` when asked).
+    ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``)."""
     options = GRPOOptions(loss_type=loss_type, clip_eps_low=clip_eps_low,
                           clip_eps_high=clip_eps_high, beta=beta,
                           max_completion_length=max_completion_length)
@@ -660,10 +680,14 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
         raise ValueError("beta > 0 needs ref_logp")
     check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
                       advantages=advantages)
-    _check_targets_in_vocab(head, mask, None)
+    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
+    if shard is None:
+        _check_targets_in_vocab(head, mask, None)
+    else:
+        shard.check_inputs(head, mask, None)
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
     rows_per_chunk = max(1, chunk_tokens // max(seq_len, 1))
-    row_stats, grad_inplace = row_kernels(head.backend)
+    row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
     needs = _needs_grad(hidden, weight, bias)
     logp = torch.zeros(head.token_shape, dtype=head.logp_dtype, device=hidden.device)
     counted = (torch.ones(head.token_shape, device=hidden.device) if mask is None
@@ -700,6 +724,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
         loss, stats = reference.grpo_forward(logp, old_logp, mask, advantages, ref_logp, options)
         del buffer
     scale = torch.ones((), dtype=loss.dtype, device=hidden.device)
+    hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
     loss = _attach(loss.detach(), scale, grads, hidden, weight, bias)
     return (loss, stats, logp) if return_logp else (loss, stats)
 
