@@ -6,6 +6,8 @@ from .fused_linear import (FusedLinearLPOLoss, HeadOutputs, fused_linear_grpo_lo
                            fused_linear_lpo_loss)
 from .group_stats import LPOGroupStats, combine_group_stats, lpo_group_stats
 from .inputs import InputDTypeError
+from .functional import DoubleBackwardError
+from .inputs import NonFiniteInputError
 from .modules import GRPOLoss, LPOLoss
 from .options import GRPOOptions, LPOOptions
 from .stats import GRPOStats, LPOStats
@@ -18,4 +20,5 @@ __all__ = [
     "fused_linear_lpo_loss", "fused_linear_grpo_loss", "fused_linear_logprobs",
     "fused_linear_lpo_group_stats", "FusedLinearLPOLoss", "HeadOutputs",
     "lpo_group_stats", "combine_group_stats", "LPOGroupStats",
+    "NonFiniteInputError", "DoubleBackwardError",
 ]

@@ -19,9 +19,8 @@ from lpo_kernels import (LPOGroupStats, combine_group_stats, fused_linear_grpo_l
                          fused_linear_logprobs, fused_linear_lpo_group_stats,
                          fused_linear_lpo_loss, grpo_loss, lpo_group_stats, lpo_loss, reference)
 from lpo_kernels import cuda as cuda_backend
-from lpo_kernels.functional import DoubleBackwardError
+from lpo_kernels import DoubleBackwardError, NonFiniteInputError
 from lpo_kernels.group_stats import lpo_loss_with_group_stats
-from lpo_kernels.inputs import NonFiniteInputError
 from lpo_kernels.ops.loss_head import logits_row_stats_torch, logits_row_stats_triton
 
 from .test_cuda import emulated_module, on_emulator  # noqa: F401  (fixtures)
