@@ -122,7 +122,8 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend,
         flat = flat.contiguous()
     return _Head(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
                  target_ids.reshape(-1).long(), tuple(hidden.shape[:-1]),
-                 (1.0 if softcap is not None else logit_scale) / float(temperature),
+                 (1.0 if softcap is not None else logit_scale) / float(temperature)
+                 / _logit_storage_scale(hidden.dtype, softcap),
                  backend, reference.compute_dtype(hidden.dtype), softcap, logit_scale)
 
 
@@ -179,17 +180,23 @@ class _Grads:
         h = head.hidden[rows]
         if self.weight is not None and row_grad is not None:
             h = torch.where((row_grad != 0)[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+        # d/du = s * d/d(stored) for logits stored times s (fp16: 2^-8, exact), applied in
+        # the GEMMs' fp32 epilogues (alpha)
+        s = _logit_storage_scale(head.hidden.dtype, head.softcap)
+        zero = torch.zeros((), dtype=grad_logits.dtype, device=grad_logits.device)
         if self.hidden is not None:
-            if isinstance(rows, slice):
+            if isinstance(rows, slice) and s == 1.0:
                 torch.mm(grad_logits, head.weight, out=self.hidden[rows])
+            elif isinstance(rows, slice):
+                torch.addmm(zero, grad_logits, head.weight, beta=0.0, alpha=s, out=self.hidden[rows])
             else:
-                self.hidden.index_copy_(0, rows, grad_logits @ head.weight)
+                self.hidden.index_copy_(0, rows, torch.addmm(zero, grad_logits, head.weight, beta=0.0, alpha=s))
         if self.weight is not None:
             if self.weight.dtype == grad_logits.dtype:
-                self.weight.addmm_(grad_logits.t(), h)
+                self.weight.addmm_(grad_logits.t(), h, alpha=s)
             elif _gemm_accumulates_fp32(grad_logits.device, grad_logits.dtype):
                 # one cuBLAS GEMM with bf16/fp16 operands and an fp32 C: no temporary
-                torch.addmm(self.weight, grad_logits.t(), h, out_dtype=self.weight.dtype,
+                torch.addmm(self.weight, grad_logits.t(), h, out_dtype=self.weight.dtype, alpha=s,
                             out=self.weight)
             else:  # fp32 accumulator, low-precision GEMM: slice the vocabulary so the
                 # temporary is _VOCAB_SLICE x H, not V x H. On the CPU the operands are
@@ -200,11 +207,11 @@ class _Grads:
                     v1 = min(v0 + _VOCAB_SLICE, self.weight.shape[0])
                     g = grad_logits[:, v0:v1].t()
                     if upcast:
-                        self.weight[v0:v1].addmm_(g.to(self.weight.dtype), h_acc)
+                        self.weight[v0:v1].addmm_(g.to(self.weight.dtype), h_acc, alpha=s)
                     else:
-                        self.weight[v0:v1].add_(g @ h_acc)
+                        self.weight[v0:v1].add_(torch.addmm(zero, g, h_acc, beta=0.0, alpha=s))
         if self.bias is not None:
-            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
+            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype), alpha=s)
 
 
 def _gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
@@ -228,10 +235,10 @@ def _probe_fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> b
 def _chunk_logits(buffer: Tensor, head: _Head, rows, n: int) -> Tensor:
     """One GEMM into the reused buffer: logits = h W^T (+ b) for the chunk's rows, then
     soft-capped in place when the head has a cap (``logit_transform.py``); fp16 logits
-    are stored times ``_logit_storage_scale`` (:func:`_head_row_kernels` undoes it)."""
+    are stored times ``_logit_storage_scale`` (``head.inv_temperature`` undoes it)."""
     logits = buffer[:n]
     h = head.hidden[rows]
-    scale = _logit_storage_scale(head)
+    scale = _logit_storage_scale(head.hidden.dtype, head.softcap)
     if scale != 1.0:
         bias = head.bias if head.bias is not None else torch.zeros((), dtype=h.dtype, device=h.device)
         torch.addmm(bias, h, head.weight.t(), beta=scale if head.bias is not None else 0.0,
@@ -245,28 +252,13 @@ def _chunk_logits(buffer: Tensor, head: _Head, rows, n: int) -> Tensor:
     return logits
 
 
-def _logit_storage_scale(head: _Head) -> float:
-    """2^-8 for fp16 logits buffers without a soft-cap (a cap bounds the logits it stores,
-    and saturates to +-cap on a GEMM output of +-inf: finite either way); else 1."""
-    return _FP16_LOGIT_STORAGE_SCALE if head.hidden.dtype == torch.float16 and head.softcap is None else 1.0
-
-
-def _head_row_kernels(head: _Head, shard=None):
-    """``tensor_parallel.row_kernels`` for this head's logits buffer: when it is stored
-    times 2^-8 (fp16) the kernels read z = stored * 2^8 / T, and the gradient's factor
-    g / T is passed as (g * 2^-8) * (2^8 / T) (exact powers of two)."""
-    row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
-    scale = _logit_storage_scale(head)
-    if scale == 1.0:
-        return row_stats, grad_inplace
-
-    def scaled_row_stats(logits, targets, inv_temperature, return_entropy=False):
-        return row_stats(logits, targets, inv_temperature / scale, return_entropy)
-
-    def scaled_grad_inplace(logits, targets, lse, grad_logp, inv_temperature):
-        grad_inplace(logits, targets, lse, grad_logp * scale, inv_temperature / scale)
-
-    return scaled_row_stats, scaled_grad_inplace
+def _logit_storage_scale(dtype: torch.dtype, softcap: float | None) -> float:
+    """What ``_chunk_logits`` multiplies the logits by in the buffer: 2^-8 for fp16 without
+    a soft-cap (a cap bounds what it stores, and saturates to +-cap on a GEMM output of
+    +-inf: finite either way), else 1. ``head.inv_temperature`` maps stored values to z
+    (so it holds 2^8 / T then): the row kernels see true z, and the logits-gradient they
+    write is d/d(stored) = 2^8 d/du, which ``_Grads.add_chunk`` scales back."""
+    return _FP16_LOGIT_STORAGE_SCALE if dtype == torch.float16 and softcap is None else 1.0
 
 
 def _logits_grad(grad_inplace, logits: Tensor, head: _Head, targets, lse, grad_logp) -> None:
@@ -512,7 +504,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
             return listwise_forward_with_group_stats(b, o, others)
     else:
         step = listwise_forward_impl(head.backend)
-    row_stats, grad_inplace = _head_row_kernels(head, shard)
+    row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
     flat_weights = _check_token_grad_weights(token_grad_weights, head, hidden.device)
     needs = _needs_grad(hidden, weight, bias)
     entropy = torch.zeros_like(logp) if return_entropy else None
@@ -628,7 +620,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: _Head, chunk_tokens: int, return_entropy: bool,
                 grad_weight_fp32: bool, shard=None):
-        row_stats, _ = _head_row_kernels(head, shard)
+        row_stats, _ = tensor_parallel.row_kernels(head.backend, shard)
         n = head.hidden.shape[0]
         logp = torch.empty(n, dtype=head.logp_dtype, device=hidden.device)
         lse_all = torch.empty_like(logp)
@@ -661,7 +653,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def _grads(ctx, grad_logp):
         (lse_all,) = ctx.saved_tensors
         head = ctx.head
-        _, grad_inplace = _head_row_kernels(head, ctx.shard)
+        _, grad_inplace = tensor_parallel.row_kernels(head.backend, ctx.shard)
         needs = ctx.needs_input_grad[:3]
         grads = _Grads(head, needs[0], needs[1], needs[2], ctx.grad_weight_fp32)
         grad_flat = grad_logp.reshape(-1)
@@ -757,7 +749,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     check_finite_tokens(None, mask, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages)
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
     rows_per_chunk = max(1, chunk_tokens // max(seq_len, 1))
-    row_stats, grad_inplace = _head_row_kernels(head, shard)
+    row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
     needs = _needs_grad(hidden, weight, bias)
     logp = torch.zeros(head.token_shape, dtype=head.logp_dtype, device=hidden.device)
     counted = (torch.ones(head.token_shape, device=hidden.device) if mask is None

@@ -156,6 +156,21 @@ def test_item9_fp16_storage_scale_keeps_normal_range_parity(backend):
     assert_close(loss, want, atol=2e-3, rtol=2e-3, name="loss")
     assert_close(p["weight"].grad, pw["weight"].grad, atol=2e-3, rtol=2e-2, name="grad weight")
     assert_close(p["bias"].grad, pw["bias"].grad, atol=2e-3, rtol=2e-2, name="grad bias")
+    assert_close(p["hidden"].grad, pw["hidden"].grad, atol=2e-3, rtol=2e-2, name="grad hidden")
+    # every caller of the scaled buffer: log-probs backward and the GRPO head
+    ids = case["target_ids"].clamp(min=0)
+    for fused, naive in ((lambda q: fused_linear_logprobs(q["hidden"], q["weight"], ids, bias=q["bias"],
+                                                          backend=backend),
+                          lambda q: reference.naive_linear_logprobs(q["hidden"], q["weight"], ids, bias=q["bias"])),
+                         (lambda q: fused_linear_grpo_loss(q["hidden"], q["weight"], ids, case["mask"],
+                                                           case["rewards"], bias=q["bias"], backend=backend)[0],
+                          lambda q: reference.naive_linear_grpo_loss(q["hidden"], q["weight"], ids, case["mask"],
+                                                                     case["rewards"], bias=q["bias"])[0])):
+        p, q = leaves(half), leaves(case)
+        for out in (fused(p), naive(q)):
+            (out * case["mask"]).sum().backward() if out.dim() else out.backward()
+        for name in ("hidden", "weight", "bias"):
+            assert_close(p[name].grad, q[name].grad, atol=5e-3, rtol=2e-2, name=f"grad {name}")
 
 
 def _naive(case, **options):
