@@ -88,6 +88,11 @@ class LPOGroupStats:
     def __len__(self) -> int:
         return self.group_ids.shape[0]
 
+    def __getitem__(self, index) -> "LPOGroupStats":
+        """The records at ``index`` (a slice, an index tensor or a bool mask), same kinds."""
+        return LPOGroupStats(self.group_ids[index], self.scores[index], self.values[index],
+                             self.n_tokens[index], self.seq_reduce, self.values_kind)
+
     def to(self, device=None, dtype=None) -> "LPOGroupStats":
         def cast(x, floating):
             return x.to(device=device, dtype=dtype if floating and dtype is not None else x.dtype)

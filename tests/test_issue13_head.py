@@ -346,6 +346,9 @@ def test_item12_records_carry_what_built_them():
     mean, summed, adv = _records("mean"), _records("sum"), _records(target="advantages")
     assert (mean.seq_reduce, mean.values_kind) == ("mean", "rewards")
     assert (summed.seq_reduce, adv.values_kind) == ("sum", "advantages")
+    part = mean[torch.tensor([0, 2])]
+    assert len(part) == 2 and (part.seq_reduce, part.values_kind) == ("mean", "rewards")
+    assert torch.equal(part.scores, mean.scores[[0, 2]])
     both = combine_group_stats([mean, mean.to(dtype=F64)])
     assert (both.seq_reduce, both.values_kind) == ("mean", "rewards")
     with pytest.raises(ValueError, match="different seq_reduce"):
