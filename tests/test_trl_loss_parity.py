@@ -41,6 +41,15 @@ TEMPERATURE = 0.9
 MCL = 9  # GRPOConfig.max_completion_length for dr_grpo (> T: TRL divides by it, not by T)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------------------------- TRL, run
 @functools.lru_cache(maxsize=None)
 def _base_config():
@@ -427,10 +436,13 @@ def _fp32_check(loss_type, option, backend="torch", case=None, slack=1e-6):
             assert got.dtype == F32
             err = float((got.double() - truth).abs().max())
             plain_err = float((plain.double() - truth).abs().max())
-            bound = 2 * plain_err + slack * float(truth.abs().max())
+            # slack: a few fp32 ulps of the terms (a loss is a sum of O(1) terms that can cancel)
+            scale = max(float(truth.abs().max()), 1.0) if n == "loss" else float(truth.abs().max())
+            bound = 2 * plain_err + slack * scale
             assert err <= bound, f"{loss_type}/{option}/{path} {n}: err {err:.3g} > {bound:.3g} (TRL fp32 {plain_err:.3g})"
             key = f"fp32 {path} {backend}"
-            _MAX_ERR[key] = max(_MAX_ERR[key], err / max(float(truth.abs().max()), 1e-30))
+            _MAX_ERR[key] = max(_MAX_ERR[key], err / max(scale, 1e-30))
+            _MAX_ERR["fp32 TRL itself"] = max(_MAX_ERR["fp32 TRL itself"], plain_err / max(scale, 1e-30))
 
 
 @pytest.mark.parametrize("loss_type,option", FP32_CASES, ids=[f"{a}-{b}" for a, b in FP32_CASES])
