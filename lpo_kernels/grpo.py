@@ -18,9 +18,10 @@ number of accumulation steps, and for ``dapo``/``cispo``/``vespo`` normalises by
 ``num_items_in_batch * accumulation_steps / (num_processes * steps_per_generation)``: pass that
 as ``num_items_in_batch`` to reproduce it.
 
-Numerics (beyond TRL): ``exp`` of a log-ratio is capped just below the dtype's overflow
-(fp32: 88.72), so a log-ratio that overflows gives a finite ratio instead of inf — the result
-is TRL's wherever TRL's ratio is finite, and never NaN (TRL: inf * 0 = NaN for A = 0).
+Numerics (beyond TRL): log-ratios are capped before ``exp`` (fp32: at 32.6, a ratio of
+1.4e14; fp64: 343), so finite inputs give a finite loss and gradient — TRL's fp32 ratio
+overflows above 88.7 and gives a NaN loss for A = 0 and a NaN gradient for A > 0. Below the
+cap the result is TRL's.
 Values at masked positions never reach loss or gradient. B = 0 or T = 0 gives a 0 loss with
 zero gradient.
 """
@@ -164,9 +165,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _exp_cap(dtype: torch.dtype) -> float:
-    """Largest argument whose exp is finite in ``dtype`` (fp32: 88.72): exp(min(x, cap))
-    equals exp(x) wherever that is finite."""
-    return math.log(torch.finfo(dtype).max) - 1e-3
+    """Cap on a log-ratio before ``exp`` (fp32: 32.6, a ratio of 1.4e14; fp64: 343): the
+    product of two capped ratios (the bias-corrected KL) times an advantage up to 1e3,
+    summed over 2^24 tokens, stays finite, so finite inputs give finite loss and gradient.
+    Below the cap (every trust region in use) the result is TRL's."""
+    return (math.log(torch.finfo(dtype).max) - math.log(2.0 ** 24) - math.log(1e3)) / 2
 
 
 def vllm_importance_sampling_ratio(old_logp: Tensor, sampling_logp: Tensor, mask: Tensor | None, *,
