@@ -382,6 +382,22 @@ def test_dapo_normalises_by_the_generation_batch():
     assert abs(float(sum(bnpo) - whole)) > 1e-3
 
 
+@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
+def test_gradient_accumulation_convention(loss_type):
+    """Two accumulation steps per generation (steps_per_generation = 2): TRL divides the
+    grpo/bnpo/dr_grpo/luspo/sapo loss by the steps and normalises dapo/cispo/vespo by
+    num_items_in_batch * steps / steps_per_generation — our loss is TRL's policy_loss."""
+    trl_loss, ours, case, inputs = build(loss_type, "defaults")
+    trl_loss.current_gradient_accumulation_steps = 2
+    trl_loss.args.steps_per_generation = 2
+    inputs["num_items_in_batch"] = 2 * int(case["mask"].sum())
+    want, _, metrics, (logp, entropy) = run_trl(trl_loss, case, inputs)
+    items = inputs["num_items_in_batch"] * 2 // 2  # as the docstring of lpo_kernels.grpo says
+    loss, _, _ = run_ours_logp(ours, case, dict(inputs, num_items_in_batch=items), logp, entropy)
+    per_item = loss_type in ("dapo", "cispo", "vespo")
+    assert_close(want, loss if per_item else loss / 2, atol=1e-15, rtol=1e-12, name="TRL loss")
+
+
 def test_high_entropy_mask_trl_examples_and_random():
     """TRL's own test example (top 20% of 10 counted tokens), then random cases against
     TRL's get_high_entropy_mask."""
@@ -450,9 +466,29 @@ def test_fp32_within_rounding_of_trl(loss_type, option):
     _fp32_check(loss_type, option)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "cispo"])
-def test_fp32_triton_head_within_rounding(loss_type):
-    _fp32_check(loss_type, "beta_bias_corrected_kl", backend="triton")
+TRITON_CASES = [("dapo", "beta_bias_corrected_kl"), ("grpo", "gspo_beta"), ("cispo", "defaults"),
+                ("sapo", "entropy_bonus"), ("luspo", "top_entropy_quantile")]
+
+
+@pytest.mark.parametrize("loss_type,option", TRITON_CASES, ids=[f"{a}-{b}" for a, b in TRITON_CASES])
+def test_fp32_triton_head_within_rounding(loss_type, option):
+    _fp32_check(loss_type, option, backend="triton")
+
+
+def test_bf16_head_within_liger_tolerance():
+    """Liger's bf16 tolerance (atol 5e-2, rtol 5e-1) against TRL in fp64 on the same
+    bf16-rounded inputs."""
+    case = make_case(seed=12, b=3, t=17, h=31, v=123, spread=0.01, scattered=True)
+    case = {k: v.bfloat16().double() if v.is_floating_point() else v for k, v in case.items()}
+    trl_loss, ours, c, inputs = build("dapo", "beta_bias_corrected_kl", F64, case=case)
+    want, want_grads, _, _ = run_trl(trl_loss, c, inputs)
+    low = {k: v.bfloat16() if k in ("hidden", "weight", "bias") else v for k, v in c.items()}
+    in32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+    loss, grads, _, _ = run_ours_fused(ours, dict(low, advantages=c["advantages"].float()), in32)
+    assert_close(loss, want, atol=5e-2, rtol=5e-1, name="bf16 loss")
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == torch.bfloat16
+        assert_close(g, w, atol=5e-2, rtol=5e-1, name="bf16 grad")
 
 
 def test_liger_case_shape_scattered_mask_temperature():
