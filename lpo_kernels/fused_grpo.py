@@ -24,23 +24,29 @@ from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, grpo_forward, grp
 from .ops.loss_head import row_kernels
 
 
+_ENTROPY_GRAD_ROWS = 1024  # rows per block of the entropy-gradient step (bounds its fp32 temporaries)
+
+
 def _logits_grad_with_entropy_inplace(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor,
                                       grad_logp: Tensor, grad_entropy: Tensor,
                                       inv_temperature: float) -> None:
     """logits <- d(g_lp * logp + g_H * H)/d logits
-    = inv_T * (g_lp * onehot - p * (g_lp + g_H * (log p + H))); 0 * log 0 counts as 0."""
+    = inv_T * (g_lp * onehot - p * (g_lp + g_H * (log p + H))); 0 * log 0 counts as 0.
+    Plain PyTorch (every backend), in row blocks with two fp32 temporaries of a block."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    log_probs = logits.to(dtype) * inv_temperature - lse[:, None].to(dtype)
-    probs = torch.exp(log_probs)
-    g_lp = grad_logp.to(dtype)[:, None]
-    g_h = grad_entropy.to(dtype)[:, None]
-    surprise = torch.where(probs > 0, log_probs + entropy.to(dtype)[:, None], 0.0)
-    grad = -probs * (g_lp + g_h * surprise)
     vocab = logits.shape[1]
-    in_range = (targets >= 0) & (targets < vocab)
-    safe = torch.where(in_range, targets, torch.zeros_like(targets)).long()
-    grad.scatter_add_(1, safe[:, None], torch.where(in_range[:, None], g_lp, 0.0))
-    logits.copy_(grad * inv_temperature)
+    for r0 in range(0, logits.shape[0], _ENTROPY_GRAD_ROWS):
+        rows = slice(r0, min(r0 + _ENTROPY_GRAD_ROWS, logits.shape[0]))
+        g_lp = grad_logp[rows].to(dtype)[:, None]
+        grad = logits[rows].to(dtype).mul_(inv_temperature).sub_(lse[rows].to(dtype)[:, None])  # log p
+        probs = torch.exp(grad)
+        grad.add_(entropy[rows].to(dtype)[:, None]).masked_fill_(probs == 0, 0.0)  # log p + H
+        grad.mul_(grad_entropy[rows].to(dtype)[:, None]).add_(g_lp).mul_(probs).neg_()
+        t = targets[rows]
+        in_range = (t >= 0) & (t < vocab)
+        safe = torch.where(in_range, t, torch.zeros_like(t)).long()
+        grad.scatter_add_(1, safe[:, None], torch.where(in_range[:, None], g_lp, 0.0))
+        logits[rows].copy_(grad.mul_(inv_temperature))
 
 
 def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,

@@ -290,3 +290,28 @@ def test_empty_batch_gives_zero_loss_and_zero_grad(loss_type, shape):
                                       ref_logp=torch.zeros(B, T, dtype=F64), **options)
     fused.backward()
     assert float(fused) == 0.0 and torch.all(weight.grad == 0) and hidden.grad.shape == (B, T, H)
+
+
+def test_entropy_logits_gradient_blocks_and_banned_tokens(monkeypatch):
+    """The fused head's d(g_lp logp + g_H H)/d logits against autograd, in row blocks, with a
+    -inf logit (a banned token: 0 log 0 = 0) and a -100 label (no log-prob term)."""
+    import lpo_kernels.fused_grpo as fused_grpo
+
+    monkeypatch.setattr(fused_grpo, "_ENTROPY_GRAD_ROWS", 3)
+    g = torch.Generator().manual_seed(0)
+    N, V, inv_t = 10, 17, 0.7
+    logits = torch.randn(N, V, generator=g, dtype=F64)
+    logits[0, 3] = float("-inf")
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[2] = -100
+    g_lp, g_h = torch.randn(N, generator=g, dtype=F64), torch.randn(N, generator=g, dtype=F64)
+    g_lp[2] = 0.0  # the loss gives no log-prob gradient to a masked token
+    z = (logits * inv_t).requires_grad_()
+    log_p = torch.log_softmax(z, -1)
+    entropy = -(log_p.exp() * log_p.clamp(min=-1e300)).sum(-1)
+    logp = torch.where(targets >= 0, log_p.gather(1, targets.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    (want,) = torch.autograd.grad((g_lp * logp + g_h * entropy).sum(), z)
+    got = logits.clone()
+    fused_grpo._logits_grad_with_entropy_inplace(got, targets, torch.logsumexp(logits * inv_t, -1),
+                                                 entropy.detach(), g_lp, g_h, inv_t)
+    assert_close(got, want * inv_t, atol=1e-15, rtol=1e-12, name="logits grad")
