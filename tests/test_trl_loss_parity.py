@@ -139,7 +139,8 @@ def trl_vllm_is_ratio(old_logp, sampling_logp, mask, mode, clip_min, clip_max):
 
 
 # --------------------------------------------------------------------------- cases
-def make_case(seed=0, b=B, t=T, h=H, v=V, spread=0.3, scattered=False, token_adv=False):
+def make_case(seed=0, b=B, t=T, h=H, v=V, spread=0.3, scattered=False, token_adv=False,
+              temperature=TEMPERATURE):
     """Hidden states + LM head; logp/old/ref/sampling log-probs near the policy's."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(b, t, h, generator=g, dtype=F64)
@@ -156,10 +157,11 @@ def make_case(seed=0, b=B, t=T, h=H, v=V, spread=0.3, scattered=False, token_adv
         mask = torch.arange(t)[None] < lengths[:, None]
     with torch.no_grad():
         logits = torch.nn.functional.linear(hidden, weight, bias)
-        logp = selective_log_softmax(logits, ids, temperature=TEMPERATURE)
+        logp = selective_log_softmax(logits, ids, temperature=temperature)
     noise = lambda s: s * torch.randn(b, t, generator=g, dtype=F64)  # noqa: E731
     adv = torch.randn((b, t) if token_adv else (b,), generator=g, dtype=F64)
     return dict(hidden=hidden, weight=weight, bias=bias, ids=ids, mask=mask, advantages=adv,
+                temperature=torch.tensor(float(temperature), dtype=F64),
                 old_logp=logp + noise(spread), ref_logp=logp + noise(0.2),
                 sampling_logp=logp + noise(spread) + noise(0.1))
 
@@ -223,8 +225,9 @@ def trl_head(case, requires_grad=True):
     0 at masked positions (TRL's fused head writes 0 where the label is -100)."""
     leaves = {k: case[k].clone().requires_grad_(requires_grad) for k in ("hidden", "weight", "bias")}
     logits = torch.nn.functional.linear(leaves["hidden"], leaves["weight"], leaves["bias"])
-    logp = selective_log_softmax(logits, case["ids"], temperature=TEMPERATURE)
-    entropy = entropy_from_logits(logits / TEMPERATURE)
+    temperature = float(case["temperature"])
+    logp = selective_log_softmax(logits, case["ids"], temperature=temperature)
+    entropy = entropy_from_logits(logits / temperature)
     return leaves, logp.masked_fill(~case["mask"], 0.0), entropy.masked_fill(~case["mask"], 0.0)
 
 
@@ -257,7 +260,7 @@ def run_ours_fused(ours, case, inputs, chunk_tokens=2 * T, backend="torch"):
     ids = case["ids"].masked_fill(~case["mask"], -100)  # TRL's label convention at padding
     loss, stats, out = fused_linear_grpo_loss(
         leaves["hidden"], leaves["weight"], ids, case["mask"], case["advantages"], bias=leaves["bias"],
-        temperature=TEMPERATURE, old_logp=inputs["old_logp"], ref_logp=inputs["ref_logp"],
+        temperature=float(case["temperature"]), old_logp=inputs["old_logp"], ref_logp=inputs["ref_logp"],
         sampling_logp=inputs["sampling_logp"], importance_sampling_ratio=inputs["importance_sampling_ratio"],
         num_items_in_batch=inputs["num_items_in_batch"], chunk_tokens=chunk_tokens, backend=backend,
         return_logp=True, return_entropy=True, **ours)
@@ -493,11 +496,17 @@ def test_bf16_head_within_liger_tolerance():
 
 def test_liger_case_shape_scattered_mask_temperature():
     """Liger's GRPO test case: (B, T, H, V) = (3, 47, 31, 123), random scattered mask,
-    advantages in [0, 1), old log-probs 0.01 off; fp32 within Liger's tolerance of TRL."""
-    case = make_case(seed=11, b=3, t=47, h=31, v=123, spread=0.01, scattered=True)
+    temperature 2, advantages in [0, 1), old log-probs 0.01 off; fp32 within rounding of TRL."""
+    case = make_case(seed=11, b=3, t=47, h=31, v=123, spread=0.01, scattered=True, temperature=2.0)
     case["advantages"] = torch.rand(3, generator=torch.Generator().manual_seed(1), dtype=F64)
     _fp32_check("bnpo", "beta_bias_corrected_kl", case=case)
     _fp32_check("dapo", "epsilon_high", case=case)
+    trl_loss, ours, case, inputs = build("grpo", "beta_bias_corrected_kl", case=case)
+    want, want_grads, _, _ = run_trl(trl_loss, case, inputs)
+    loss, grads, _, _ = run_ours_fused(ours, case, inputs)
+    assert_close(loss, want, atol=1e-15, rtol=1e-12, name="fp64 loss")
+    for g, w in zip(grads, want_grads):
+        assert_close(g, w, atol=1e-12 * float(w.abs().max()), rtol=1e-12, name="fp64 grad")
 
 
 def test_report_max_errors():
