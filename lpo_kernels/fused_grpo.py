@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from .fused_linear import (HeadOutputs, _attach, _check_chunk_tokens, _check_head,
-                           _check_targets_in_vocab, _chunk_logits, _Grads, _needs_grad,
-                           _new_buffer)
+                           _check_targets_in_vocab, _chunk_logits, _Grads, _logits_grad,
+                           _needs_grad, _new_buffer)
 from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, grpo_forward, grpo_options,
                    high_entropy_mask)
 from .ops.loss_head import row_kernels
@@ -53,10 +53,12 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                            temperature=1.0, old_logp=None, ref_logp=None, sampling_logp=None,
                            importance_sampling_ratio=None, num_items_in_batch=None,
                            chunk_tokens=None, backend="auto", grad_weight_fp32=True,
-                           return_logp=False, return_entropy=False, validate=None, **options):
+                           return_logp=False, return_entropy=False, validate=None, softcap=None,
+                           logit_scale=1.0, **options):
     """The GRPO loss family (``grpo.grpo_loss``, TRL 1.16's conventions and option names)
     from padded hidden states ``[B, T, H]`` and the LM head ``weight [V, H]`` (+ ``bias``),
-    ``logp = log_softmax((h W^T + b) / temperature)[target_ids]``.
+    ``logp = log_softmax(f(h W^T + b) / temperature)[target_ids]`` with ``f`` TRL's logit
+    scale and soft-cap (``softcap``/``logit_scale``, as :func:`fused_linear_lpo_loss`).
 
     Token tensors (``mask``, ``old_logp``, ``ref_logp``, ``sampling_logp``) are ``[B, T]``;
     ``advantages`` ``[B]`` or ``[B, T]``; ``importance_sampling_ratio`` ``[B, T]`` or ``[B, 1]``
@@ -69,7 +71,8 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     0 at tokens with ``mask == 0`` or a target outside the vocabulary such as -100, as TRL
     writes)."""
     opts = grpo_options(**options)
-    head = _check_head(hidden, weight, target_ids, bias, temperature, False, backend)
+    head = _check_head(hidden, weight, target_ids, bias, temperature, False, backend, softcap,
+                       logit_scale)
     shape = head.token_shape
     n_rows, seq_len = shape
     check_grpo_tensors(shape, opts, device=hidden.device, old_logp=old_logp, mask=mask,
@@ -136,11 +139,12 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                 token_grads = torch.autograd.grad(chunk_loss, leaves, allow_unused=True)
             g_lp, g_h = (torch.zeros_like(lp_leaf) if g is None else g
                          for g in (list(token_grads) + [None])[:2])
-            if entropy_grad:
-                _logits_grad_with_entropy_inplace(logits, targets, lse, ent, g_lp.reshape(-1),
-                                                  g_h.reshape(-1), head.inv_temperature)
+            if entropy_grad:  # same contract as the row kernel's (column slices included)
+                def logits_grad(work, t, lse_rows, g, inv_t, ent=ent, g_h=g_h.reshape(-1)):
+                    _logits_grad_with_entropy_inplace(work, t, lse_rows, ent, g, g_h, inv_t)
             else:
-                grad_inplace(logits, targets, lse, g_lp.reshape(-1), head.inv_temperature)
+                logits_grad = grad_inplace
+            _logits_grad(logits_grad, logits, head, targets, lse, g_lp.reshape(-1))
             grads.add_chunk(logits, head, tokens)
         del buffer
         loss, stats = grpo_forward(logp, old_logp, mask, advantages, ref_logp, opts,

@@ -48,6 +48,7 @@ from . import reference
 from .functional import listwise_forward_impl, resolve_backend
 from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_with_group_stats,
                           lpo_group_stats)
+from .logit_transform import check_logit_transform, softcap_grad_inplace, softcap_inplace
 from .inputs import (InputDTypeError, check_listwise_inputs, check_same_device, check_tensor,
                      resolve_validate)
 from .ops.loss_head import row_kernels
@@ -79,9 +80,12 @@ class _Head(NamedTuple):
     inv_temperature: float
     backend: str
     logp_dtype: torch.dtype
+    softcap: float | None = None  # logits f(u) = softcap*tanh(logit_scale*u/softcap) / T
+    logit_scale: float = 1.0      # (without a cap, folded into inv_temperature)
 
 
-def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) -> _Head:
+def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend,
+                softcap=None, logit_scale=1.0) -> _Head:
     check_tensor("hidden", hidden, floating=True, dim=2 if packed else 3)
     check_tensor("weight", weight, floating=True, dim=2)
     check_tensor("target_ids", target_ids, floating=False, dim=1 if packed else 2)
@@ -105,6 +109,7 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) 
         raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    softcap, logit_scale = check_logit_transform(softcap, logit_scale)
     check_same_device("hidden", hidden, weight=weight, target_ids=target_ids, bias=bias)
     backend = resolve_backend(backend, hidden.device, hidden.dtype)
     if hidden.dtype == torch.float64 and backend != "torch":
@@ -113,8 +118,9 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) 
     if not flat.is_contiguous():
         flat = flat.contiguous()
     return _Head(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
-                 target_ids.reshape(-1).long(), tuple(hidden.shape[:-1]), 1.0 / float(temperature),
-                 backend, reference.compute_dtype(hidden.dtype))
+                 target_ids.reshape(-1).long(), tuple(hidden.shape[:-1]),
+                 (1.0 if softcap is not None else logit_scale) / float(temperature),
+                 backend, reference.compute_dtype(hidden.dtype), softcap, logit_scale)
 
 
 def _check_targets_in_vocab(head: _Head, mask: Tensor | None, validate) -> None:
@@ -191,14 +197,27 @@ def _probe_fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> b
 
 
 def _chunk_logits(buffer: Tensor, head: _Head, rows, n: int) -> Tensor:
-    """One GEMM into the reused buffer: logits = h W^T (+ b) for the chunk's rows."""
+    """One GEMM into the reused buffer: logits = h W^T (+ b) for the chunk's rows, then
+    soft-capped in place when the head has a cap (``logit_transform.py``)."""
     logits = buffer[:n]
     h = head.hidden[rows]
     if head.bias is None:
         torch.mm(h, head.weight.t(), out=logits)
     else:
         torch.addmm(head.bias, h, head.weight.t(), out=logits)
+    if head.softcap is not None:
+        softcap_inplace(logits, head.softcap, head.logit_scale)
     return logits
+
+
+def _logits_grad(grad_inplace, logits: Tensor, head: _Head, targets, lse, grad_logp) -> None:
+    """Overwrite a chunk's (transformed) logits with d loss / d (h W^T + b): the row
+    kernel's softmax gradient, chained through the soft-cap when there is one."""
+    if head.softcap is None:
+        grad_inplace(logits, targets, lse, grad_logp, head.inv_temperature)
+    else:
+        softcap_grad_inplace(grad_inplace, logits, targets, lse, grad_logp, head.inv_temperature,
+                             head.softcap, head.logit_scale)
 
 
 def _new_buffer(head: _Head, rows: int) -> Tensor:
@@ -340,6 +359,20 @@ def _attach(loss, scale, grads: _Grads, hidden, weight, bias):
                                   hidden, weight, bias)
 
 
+def _check_token_grad_weights(weights, head: _Head, device) -> Tensor | None:
+    """``token_grad_weights`` broadcast to the token shape and flattened (None: all 1)."""
+    if weights is None:
+        return None
+    check_tensor("token_grad_weights", weights, floating=True)
+    check_same_device("hidden", head.hidden, token_grad_weights=weights)
+    try:
+        expanded = torch.broadcast_to(weights, head.token_shape)
+    except RuntimeError as error:
+        raise ValueError(f"token_grad_weights shape {tuple(weights.shape)} does not broadcast to the token "
+                         f"shape {head.token_shape}") from error
+    return expanded.reshape(-1).to(head.logp_dtype)
+
+
 def _needs_grad(*tensors):
     return [torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors]
 
@@ -349,7 +382,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                           advantages=None, *, bias=None, temperature=1.0, old_logp=None,
                           group_size=None, cu_seqlens=None, group_stats=None, mode="fast",
                           chunk_tokens=None, return_logp=False, return_entropy=False,
-                          backend="auto", grad_weight_fp32=True, validate=None, **lpo_options):
+                          backend="auto", grad_weight_fp32=True, validate=None, softcap=None,
+                          logit_scale=1.0, token_grad_weights=None, **lpo_options):
     """LPO loss from hidden states and the LM head, without materialising the logits.
 
     Args:
@@ -363,6 +397,12 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
             :func:`lpo_kernels.lpo_loss` (``target``, ``divergence``, ``clip``, ...).
             ``reduction`` must be 'mean' or 'sum'.
         temperature: sampling temperature T: ``logp = log_softmax((h W^T + b)/T)[y]``.
+        softcap, logit_scale: logits ``softcap * tanh(logit_scale * (h W^T + b) / softcap) / T``
+            (Gemma-2 style cap; ``softcap=None``: ``logit_scale * (h W^T + b) / T``), the
+            order of TRL's fused LM head (``lpo_kernels/logit_transform.py``).
+        token_grad_weights: optional per-token factors on ``d loss / d logp`` (token shape, or
+            ``[B, 1]`` per sequence), e.g. importance weights of a sampler: the gradient of
+            token t is multiplied by its weight; loss value and stats are unchanged.
         group_stats: records of the *other* calls' sequences of split groups
             (:class:`LPOGroupStats`); the call then returns the whole-batch loss and this
             call's part of its gradient (see ``lpo_kernels/group_stats.py``).
@@ -381,7 +421,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     if options.reduction == "none":
         raise ValueError("reduction='none' is not supported by the fused loss head (its "
                          "gradients are formed in the forward); use 'mean' or 'sum'")
-    head = _check_head(hidden, weight, target_ids, bias, temperature, cu_seqlens is not None, backend)
+    head = _check_head(hidden, weight, target_ids, bias, temperature, cu_seqlens is not None, backend,
+                       softcap, logit_scale)
     logp = torch.zeros(head.token_shape, dtype=head.logp_dtype, device=head.hidden.device)
     batch = check_listwise_inputs(logp, old_logp, mask, group_ids, rewards, advantages,
                                   options=options, cu_seqlens=cu_seqlens, group_size=group_size,
@@ -399,6 +440,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     else:
         step = listwise_forward_impl(head.backend)
     row_stats, grad_inplace = row_kernels(head.backend)
+    flat_weights = _check_token_grad_weights(token_grad_weights, head, hidden.device)
     needs = _needs_grad(hidden, weight, bias)
     entropy = torch.zeros_like(logp) if return_entropy else None
     flat_logp = logp.view(-1)
@@ -428,7 +470,9 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                     token_grad = chunk_result.token_grad.reshape(-1)
                     if chunk_result.grad_scale is not None:
                         token_grad = token_grad * chunk_result.grad_scale
-                    grad_inplace(logits, targets, lse, token_grad, head.inv_temperature)
+                    if flat_weights is not None:
+                        token_grad = token_grad * flat_weights[chunk.tokens]
+                    _logits_grad(grad_inplace, logits, head, targets, lse, token_grad)
                     grads.add_chunk(logits, head, chunk.tokens)
             result = step(batch, options)
         else:  # low_memory
@@ -445,10 +489,12 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
             result = step(batch, options)
             if want_grad:
                 token_grad = result.token_grad.reshape(-1)
+                if flat_weights is not None:
+                    token_grad = token_grad * flat_weights
                 for chunk in plan:
                     logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
-                    grad_inplace(logits, head.targets[chunk.tokens], lse_all[chunk.tokens],
-                                 token_grad[chunk.tokens], head.inv_temperature)
+                    _logits_grad(grad_inplace, logits, head, head.targets[chunk.tokens],
+                                 lse_all[chunk.tokens], token_grad[chunk.tokens])
                     grads.add_chunk(logits, head, chunk.tokens)
         if mode == "fast" and options.reduction == "mean":
             scale = 1.0 / result.stats.n_groups.clamp(min=1).to(result.loss.dtype)
@@ -469,23 +515,27 @@ class FusedLinearLPOLoss(torch.nn.Module):
     ``grad_weight_fp32``, ``validate`` and the LPO options), tensors at call time."""
 
     def __init__(self, *, mode="fast", chunk_tokens=None, temperature=1.0, group_size=None,
-                 backend="auto", grad_weight_fp32=True, validate=None, **lpo_options):
+                 backend="auto", grad_weight_fp32=True, validate=None, softcap=None, logit_scale=1.0,
+                 **lpo_options):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         _check_chunk_tokens(chunk_tokens, mode)
         LPOOptions(**lpo_options)  # fail at construction on a bad option
+        check_logit_transform(softcap, logit_scale)
         self.head_options = dict(mode=mode, chunk_tokens=chunk_tokens, temperature=temperature,
                                  group_size=group_size, backend=backend,
-                                 grad_weight_fp32=grad_weight_fp32, validate=validate)
+                                 grad_weight_fp32=grad_weight_fp32, validate=validate,
+                                 softcap=softcap, logit_scale=logit_scale)
         self.lpo_options = dict(lpo_options)
 
     def forward(self, hidden, weight, target_ids, mask, group_ids, rewards=None, advantages=None,
                 *, bias=None, old_logp=None, cu_seqlens=None, group_stats=None,
-                return_logp=False, return_entropy=False):
+                return_logp=False, return_entropy=False, token_grad_weights=None):
         return fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards, advantages,
                                      bias=bias, old_logp=old_logp, cu_seqlens=cu_seqlens,
                                      group_stats=group_stats, return_logp=return_logp,
+                                     token_grad_weights=token_grad_weights,
                                      return_entropy=return_entropy, **self.head_options,
                                      **self.lpo_options)
 
@@ -535,8 +585,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         buffer = _new_buffer(head, min(ctx.chunk_tokens, n))
         for chunk in _token_chunks(n, ctx.chunk_tokens):
             logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
-            grad_inplace(logits, head.targets[chunk.tokens], lse_all[chunk.tokens],
-                         grad_flat[chunk.tokens], head.inv_temperature)
+            _logits_grad(grad_inplace, logits, head, head.targets[chunk.tokens], lse_all[chunk.tokens],
+                         grad_flat[chunk.tokens])
             grads.add_chunk(logits, head, chunk.tokens)
         w_dtype = head.weight.dtype
         return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, -1),
@@ -546,15 +596,16 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
 def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=1.0,
                           return_entropy=False, chunk_tokens=None, backend="auto",
-                          grad_weight_fp32=True):
+                          grad_weight_fp32=True, softcap=None, logit_scale=1.0):
     """``log_softmax((h W^T + b)/T)[target]`` per token without full logits.
 
     ``hidden`` ``[..., H]``, ``target_ids`` ``[...]``; returns logp ``[...]`` (fp32; fp64
     for fp64 inputs), differentiable w.r.t. hidden/weight/bias (backward recomputes the
     logits chunk by chunk), and with ``return_entropy`` also the tempered entropy
-    (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient."""
+    (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient.
+    ``softcap``/``logit_scale``: as :func:`fused_linear_lpo_loss`."""
     packed = hidden.dim() == 2
-    head = _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) \
+    head = _check_head(hidden, weight, target_ids, bias, temperature, packed, backend, softcap, logit_scale) \
         if hidden.dim() in (2, 3) else None
     if head is None:
         raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
@@ -567,10 +618,12 @@ def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=
 def fused_linear_lpo_group_stats(hidden, weight, target_ids, mask, group_ids, rewards=None,
                                  advantages=None, *, bias=None, temperature=1.0, old_logp=None,
                                  cu_seqlens=None, target="grpo", seq_reduce="mean",
-                                 chunk_tokens=None, backend="auto", validate=None) -> LPOGroupStats:
+                                 chunk_tokens=None, backend="auto", validate=None, softcap=None,
+                                 logit_scale=1.0) -> LPOGroupStats:
     """:func:`lpo_group_stats` from hidden states (one no-grad log-prob pass)."""
     logp = fused_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
-                                 chunk_tokens=chunk_tokens, backend=backend)
+                                 chunk_tokens=chunk_tokens, backend=backend, softcap=softcap,
+                                 logit_scale=logit_scale)
     return lpo_group_stats(logp, old_logp, mask, group_ids, rewards, advantages,
                            cu_seqlens=cu_seqlens, target=target, seq_reduce=seq_reduce,
                            validate=validate)

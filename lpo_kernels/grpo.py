@@ -454,7 +454,8 @@ def grpo_loss(logp, old_logp, mask, advantages, *, ref_logp=None, entropy=None, 
 
 
 def naive_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
-                           temperature=1.0, old_logp=None, ref_logp=None, **grpo_kwargs):
+                           temperature=1.0, old_logp=None, ref_logp=None, softcap=None,
+                           logit_scale=1.0, **grpo_kwargs):
     """Naive eager GRPO from hidden states (TRL's path: full logits, fp32 log-softmax); the
     entropy is computed (and differentiable) when an option needs it."""
     from .reference import naive_linear_logprobs
@@ -462,10 +463,12 @@ def naive_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     opts = grpo_options(**{k: v for k, v in grpo_kwargs.items() if k not in _TENSOR_KWARGS})
     if opts.needs_entropy:
         logp, entropy = naive_linear_logprobs(hidden, weight, target_ids, bias=bias,
-                                              temperature=temperature, return_entropy=True)
+                                              temperature=temperature, return_entropy=True,
+                                              softcap=softcap, logit_scale=logit_scale)
         grpo_kwargs.setdefault("entropy", entropy)
     else:
-        logp = naive_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature)
+        logp = naive_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
+                                     softcap=softcap, logit_scale=logit_scale)
     return grpo_loss(logp, old_logp, mask, advantages, ref_logp=ref_logp, **grpo_kwargs)
 
 

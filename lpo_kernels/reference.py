@@ -287,13 +287,18 @@ def listwise_from_scores(batch: ListwiseBatch, options: LPOOptions, scores: Tens
 # --------------------------------------------------------------------------- loss head
 def naive_linear_logprobs(hidden: Tensor, weight: Tensor, target_ids: Tensor, *,
                           bias: Tensor | None = None, temperature: float = 1.0,
-                          return_entropy: bool = False):
+                          return_entropy: bool = False, softcap: float | None = None,
+                          logit_scale: float = 1.0):
     """The naive loss head: full logits (fp32 for half inputs) -> log-softmax -> gather.
 
-    ``logp[t] = log_softmax((W h_t + b) / T)[target_ids[t]]``; entropy on the tempered
-    logits. Materialises [tokens x vocab]: the path every fused kernel is compared to."""
+    ``logp[t] = log_softmax(f(W h_t + b) / T)[target_ids[t]]`` with ``f`` the logit scale and
+    soft-cap (``logit_transform.py``; identity by default); entropy on the tempered logits.
+    Materialises [tokens x vocab]: the path every fused kernel is compared to."""
+    from .logit_transform import transform_logits_reference
+
     logits = F.linear(hidden, weight, bias)
-    logits = logits.to(compute_dtype(logits.dtype)) / temperature
+    logits = transform_logits_reference(logits.to(compute_dtype(logits.dtype)), softcap, logit_scale)
+    logits = logits / temperature
     log_probs = torch.log_softmax(logits, dim=-1)
     logp = log_probs.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
@@ -304,11 +309,12 @@ def naive_linear_logprobs(hidden: Tensor, weight: Tensor, target_ids: Tensor, *,
 
 def naive_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=None,
                           advantages=None, *, bias=None, temperature=1.0, old_logp=None,
-                          **lpo_options):
+                          softcap=None, logit_scale=1.0, **lpo_options):
     """Naive eager LPO from hidden states: the naive head, then the reference loss."""
     from .functional import lpo_loss
 
-    logp = naive_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature)
+    logp = naive_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
+                                 softcap=softcap, logit_scale=logit_scale)
     return lpo_loss(logp, old_logp, mask, group_ids, rewards, advantages, backend="torch",
                     **lpo_options)
 

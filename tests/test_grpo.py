@@ -183,10 +183,15 @@ def head_case(seed=0, B=5, T=6, H=8, V=13, dtype=F64):
                 ref=(logp + 0.2 * torch.randn(B, T, generator=g, dtype=F64)).to(dtype))
 
 
-@pytest.mark.parametrize("index", range(len(HEAD_OPTIONS)))
-@pytest.mark.parametrize("chunk_tokens", [1, 12, 1000])
-def test_fused_head_matches_naive_head(index, chunk_tokens):
-    options = HEAD_OPTIONS[index]
+HEAD_CASES = [(i, c, None) for i in range(len(HEAD_OPTIONS)) for c in (1, 12, 1000)] + [
+    (i, 12, (3.0, 1.7)) for i in (0, 4, 5, 6)]  # + soft-capped, scaled logits (Gemma-2 style)
+
+
+@pytest.mark.parametrize("index,chunk_tokens,cap", HEAD_CASES)
+def test_fused_head_matches_naive_head(index, chunk_tokens, cap):
+    options = dict(HEAD_OPTIONS[index])
+    if cap is not None:
+        options.update(softcap=cap[0], logit_scale=cap[1])
     c = head_case(seed=index)
     p = {k: c[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
     q = {k: c[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
