@@ -180,6 +180,8 @@ OPTIONS = {
     "top_entropy_quantile": (dict(top_entropy_quantile=0.4), {}),
     "off_policy_mask": (dict(off_policy_mask_threshold=0.02), dict(sampling=True)),
     "off_policy_mask_old": (dict(off_policy_mask_threshold=0.0), {}),
+    "off_policy_mask_on_policy": (dict(off_policy_mask_threshold=0.0), dict(on_policy=True)),  # KL = 0 <= 0
+    "zero_advantages": (dict(beta=0.04), dict(zero_adv=True)),  # all-equal groups: A = 0 exactly
     "num_items_in_batch": ({}, dict(num_items=61)),
     "entropy_bonus": (dict(entropy_coef=0.05), {}),
     "entropy_bonus_quantile": (dict(entropy_coef=0.05, top_entropy_quantile=0.5), {}),
@@ -202,6 +204,9 @@ def build(loss_type, option, dtype=F64, seed=0, is_mode=None, case=None):
     config, extra = OPTIONS[option]
     config = dict(config, loss_type=loss_type, max_completion_length=MCL)
     case = case or make_case(seed=seed, token_adv=extra.get("token_adv", False))
+    if extra.get("zero_adv"):
+        case = dict(case, advantages=case["advantages"].clone())
+        case["advantages"][::2] = 0.0
     case = {k: v.to(dtype) if v.is_floating_point() else v for k, v in case.items()}
     inputs = dict(old_logp=None if extra.get("on_policy") else case["old_logp"],
                   ref_logp=case["ref_logp"] if config.get("beta") else None,
@@ -513,3 +518,55 @@ def test_report_max_errors():
     """Prints the max relative errors measured above (run with -s to see them)."""
     for key, value in sorted(_MAX_ERR.items()):
         print(f"max rel err {key}: {value:.3g}")
+
+
+# --------------------------------------------------------------------------- TRL's own fused head
+@pytest.mark.parametrize("loss_type,option", [("dapo", "entropy_bonus_quantile"), ("grpo", "gspo_beta"),
+                                              ("sapo", "entropy_bonus")])
+def test_trl_fused_head_softcap_fp32(loss_type, option):
+    """TRL's real fused LM head (``trl.kernels.ChunkedLogProbFunction``, fp32, soft-cap and
+    logit scale, differentiable entropy) feeding TRL's ``_compute_loss``, against our fused
+    head with ``softcap``/``logit_scale``: both within fp32 rounding of the fp64 truth."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    softcap, logit_scale = 3.0, 1.7
+    case64 = make_case(seed=13, b=4, t=9, h=16, v=50, temperature=1.3)
+    case64 = {k: v.float().double() if v.is_floating_point() else v for k, v in case64.items()}
+    temperature = float(case64["temperature"])
+
+    def transformed(c):
+        u = torch.nn.functional.linear(c["hidden"], c["weight"], c["bias"]) * logit_scale
+        return torch.tanh(u / softcap) * softcap
+
+    def trl_side(c, fused):
+        leaves = {k: c[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+        if fused:  # as trl.trainer.utils.add_fused_lm_head scores every position off Triton
+            flat = leaves["hidden"].reshape(-1, leaves["hidden"].shape[-1])
+            logp, entropy, *_ = ChunkedLogProbFunction.apply(
+                flat, leaves["weight"], leaves["bias"], c["ids"].reshape(-1), temperature, 32, softcap,
+                logit_scale, ("log_probs", "entropy"))
+            logp, entropy = (x.view(c["mask"].shape).masked_fill(~c["mask"], 0) for x in (logp, entropy))
+        else:
+            logits = transformed(dict(c, **leaves))
+            logp = selective_log_softmax(logits, c["ids"], temperature=temperature).masked_fill(~c["mask"], 0)
+            entropy = entropy_from_logits(logits / temperature).masked_fill(~c["mask"], 0)
+        trl_loss, _, _, inputs = build(loss_type, option, c["hidden"].dtype, case=c)
+        loss, _ = trl_loss(logp, entropy, c["mask"], c["advantages"], old_per_token_logps=inputs["old_logp"],
+                           ref_per_token_logps=inputs["ref_logp"], num_items_in_batch=c["mask"].long().sum())
+        return [loss.detach()] + list(torch.autograd.grad(loss, list(leaves.values())))
+
+    truth = trl_side(case64, fused=False)
+    case32 = {k: v.float() if v.is_floating_point() else v for k, v in case64.items()}
+    trl32 = trl_side(case32, fused=True)
+    _, ours_opts, _, inputs = build(loss_type, option, F32, case=case32)
+    leaves = {k: case32[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+    loss, _ = fused_linear_grpo_loss(leaves["hidden"], leaves["weight"], case32["ids"], case32["mask"],
+                                     case32["advantages"], bias=leaves["bias"], temperature=temperature,
+                                     old_logp=inputs["old_logp"], ref_logp=inputs["ref_logp"], chunk_tokens=18,
+                                     softcap=softcap, logit_scale=logit_scale, **ours_opts)
+    ours = [loss.detach()] + list(torch.autograd.grad(loss, list(leaves.values())))
+    for name, got, trl_fp32, want in zip(("loss", "hidden", "weight", "bias"), ours, trl32, truth):
+        scale = max(float(want.abs().max()), 1.0) if name == "loss" else float(want.abs().max())
+        err = float((got.double() - want).abs().max())
+        trl_err = float((trl_fp32.double() - want).abs().max())
+        assert err <= 2 * trl_err + 1e-6 * scale, f"{name}: {err:.3g} vs TRL's fused head {trl_err:.3g}"
