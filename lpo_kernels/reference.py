@@ -1,4 +1,4 @@
-"""The math of LPO and of the GRPO baseline, once, in plain PyTorch.
+"""The math of LPO, once, in plain PyTorch (the GRPO baseline family: grpo.py).
 
 This file is the specification (../shared/docs/lpo-math.md) in code. Every kernel is
 tested against it; it is also the CPU fallback (``backend="torch"``). It runs in fp64
