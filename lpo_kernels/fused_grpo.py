@@ -21,7 +21,7 @@ from .fused_linear import (HeadOutputs, _attach, _check_chunk_tokens, _check_hea
                            _needs_grad, _new_buffer)
 from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, grpo_forward, grpo_options,
                    high_entropy_mask)
-from .ops.loss_head import row_kernels
+from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 
 
 _ENTROPY_GRAD_ROWS = 1024  # rows per block of the entropy-gradient step (bounds its fp32 temporaries)
@@ -54,7 +54,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                            importance_sampling_ratio=None, num_items_in_batch=None,
                            chunk_tokens=None, backend="auto", grad_weight_fp32=True,
                            return_logp=False, return_entropy=False, validate=None, softcap=None,
-                           logit_scale=1.0, **options):
+                           logit_scale=1.0, tp_group=None, vocab_start=None, **options):
     """The GRPO loss family (``grpo.grpo_loss``, TRL 1.16's conventions and option names)
     from padded hidden states ``[B, T, H]`` and the LM head ``weight [V, H]`` (+ ``bias``),
     ``logp = log_softmax(f(h W^T + b) / temperature)[target_ids]`` with ``f`` TRL's logit
@@ -69,7 +69,8 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     (and differentiated for ``entropy_coef``). Returns ``(loss, stats)``, or ``(loss, stats,
     HeadOutputs(logp, entropy))`` when ``return_logp`` / ``return_entropy`` is set (detached;
     0 at tokens with ``mask == 0`` or a target outside the vocabulary such as -100, as TRL
-    writes)."""
+    writes). ``tp_group``/``vocab_start``: vocabulary-parallel head
+    (``lpo_kernels/tensor_parallel.py``)."""
     opts = grpo_options(**options)
     head = _check_head(hidden, weight, target_ids, bias, temperature, False, backend, softcap,
                        logit_scale)
@@ -79,18 +80,23 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                        advantages=advantages, ref_logp=ref_logp, sampling_logp=sampling_logp,
                        importance_sampling_ratio=importance_sampling_ratio,
                        num_items_in_batch=num_items_in_batch, ref_name="hidden token")
-    _check_targets_in_vocab(head, mask, validate)
+    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
+    if shard is None:
+        _check_targets_in_vocab(head, mask, validate)
+    else:
+        shard.check_inputs(head, mask, validate)
+    vocab = head.weight.shape[0] if shard is None else None  # global ids are checked by the shard
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
     rows_per_chunk = max(1, chunk_tokens // max(seq_len, 1))
     chunks = [] if seq_len == 0 else [(a, min(a + rows_per_chunk, n_rows))
                                       for a in range(0, n_rows, rows_per_chunk)]
-    row_stats, grad_inplace = row_kernels(head.backend)
+    row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
+    to_local = (lambda t: t) if shard is None else shard.local_targets
     needs = _needs_grad(hidden, weight, bias)
     want_entropy = return_entropy or opts.needs_entropy
     dtype = head.logp_dtype
-    vocab = head.weight.shape[0]
     # tokens with a real label that the loss counts; elsewhere logp/entropy are 0 (TRL)
-    written = (head.targets >= 0) & (head.targets < vocab)
+    written = head.targets >= 0 if vocab is None else (head.targets >= 0) & (head.targets < vocab)
     if mask is not None:
         written = written & (mask.reshape(-1) != 0)
     logp = torch.zeros(shape, dtype=dtype, device=hidden.device)
@@ -141,7 +147,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                          for g in (list(token_grads) + [None])[:2])
             if entropy_grad:  # same contract as the row kernel's (column slices included)
                 def logits_grad(work, t, lse_rows, g, inv_t, ent=ent, g_h=g_h.reshape(-1)):
-                    _logits_grad_with_entropy_inplace(work, t, lse_rows, ent, g, g_h, inv_t)
+                    _logits_grad_with_entropy_inplace(work, to_local(t), lse_rows, ent, g, g_h, inv_t)
             else:
                 logits_grad = grad_inplace
             _logits_grad(logits_grad, logits, head, targets, lse, g_lp.reshape(-1))
@@ -152,6 +158,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                                    importance_sampling_ratio=importance_sampling_ratio,
                                    entropy_mask=entropy_mask, scope=scope)
     scale = torch.ones((), dtype=loss.dtype, device=hidden.device)
+    hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
     loss = _attach(loss.detach(), scale, grads, hidden, weight, bias)
     if return_logp or return_entropy:
         return loss, stats, HeadOutputs(logp if return_logp else None,

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 from .functional import listwise_forward_impl, resolve_backend
 from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_with_group_stats,
                           lpo_group_stats)
@@ -383,7 +384,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                           group_size=None, cu_seqlens=None, group_stats=None, mode="fast",
                           chunk_tokens=None, return_logp=False, return_entropy=False,
                           backend="auto", grad_weight_fp32=True, validate=None, softcap=None,
-                          logit_scale=1.0, token_grad_weights=None, **lpo_options):
+                          logit_scale=1.0, token_grad_weights=None, tp_group=None,
+                          vocab_start=None, **lpo_options):
     """LPO loss from hidden states and the LM head, without materialising the logits.
 
     Args:
@@ -410,6 +412,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
         chunk_tokens: tokens per chunk (fast: a target, rounded to whole groups, default
             8192; low_memory: default 1024).
         grad_weight_fp32: accumulate grad-weight in fp32 (default) or in weight's dtype.
+        tp_group, vocab_start: vocabulary-parallel head: ``weight``/``bias`` are this rank's
+            slice of the vocabulary (see ``lpo_kernels/tensor_parallel.py``).
 
     Returns ``(loss, stats)``, or ``(loss, stats, HeadOutputs(logp, entropy))`` when
     ``return_logp`` or ``return_entropy`` is set (detached, input token layout).
@@ -428,7 +432,11 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                                   options=options, cu_seqlens=cu_seqlens, group_size=group_size,
                                   validate=validate)
     check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, group_ids=group_ids)
-    _check_targets_in_vocab(head, mask, validate)
+    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
+    if shard is None:
+        _check_targets_in_vocab(head, mask, validate)
+    else:
+        shard.check_inputs(head, mask, validate)
     if group_stats is not None:
         others = check_group_stats(group_stats, hidden.device)
         if group_ids is None:
@@ -439,7 +447,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
             return listwise_forward_with_group_stats(b, o, others)
     else:
         step = listwise_forward_impl(head.backend)
-    row_stats, grad_inplace = row_kernels(head.backend)
+    row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
     flat_weights = _check_token_grad_weights(token_grad_weights, head, hidden.device)
     needs = _needs_grad(hidden, weight, bias)
     entropy = torch.zeros_like(logp) if return_entropy else None
@@ -503,6 +511,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
         else:
             scale = torch.ones((), dtype=result.loss.dtype, device=hidden.device)
         del buffer
+    hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
     loss = _attach(result.loss, scale, grads, hidden, weight, bias)
     if return_logp or return_entropy:
         return loss, result.stats, HeadOutputs(logp if return_logp else None, entropy)
@@ -512,11 +521,12 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
 class FusedLinearLPOLoss(torch.nn.Module):
     """Module form of :func:`fused_linear_lpo_loss`: options at construction
     (``mode``, ``chunk_tokens``, ``temperature``, ``group_size``, ``backend``,
-    ``grad_weight_fp32``, ``validate`` and the LPO options), tensors at call time."""
+    ``grad_weight_fp32``, ``validate``, ``tp_group``, ``vocab_start`` and the LPO
+    options), tensors at call time."""
 
     def __init__(self, *, mode="fast", chunk_tokens=None, temperature=1.0, group_size=None,
                  backend="auto", grad_weight_fp32=True, validate=None, softcap=None, logit_scale=1.0,
-                 **lpo_options):
+                 tp_group=None, vocab_start=None, **lpo_options):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -527,6 +537,8 @@ class FusedLinearLPOLoss(torch.nn.Module):
                                  group_size=group_size, backend=backend,
                                  grad_weight_fp32=grad_weight_fp32, validate=validate,
                                  softcap=softcap, logit_scale=logit_scale)
+        if tp_group is not None or vocab_start is not None:
+            self.head_options.update(tp_group=tp_group, vocab_start=vocab_start)
         self.lpo_options = dict(lpo_options)
 
     def forward(self, hidden, weight, target_ids, mask, group_ids, rewards=None, advantages=None,
@@ -550,8 +562,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: _Head, chunk_tokens: int, return_entropy: bool,
-                grad_weight_fp32: bool):
-        row_stats, _ = row_kernels(head.backend)
+                grad_weight_fp32: bool, shard=None):
+        row_stats, _ = tensor_parallel.row_kernels(head.backend, shard)
         n = head.hidden.shape[0]
         logp = torch.empty(n, dtype=head.logp_dtype, device=hidden.device)
         lse_all = torch.empty_like(logp)
@@ -565,6 +577,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if return_entropy:
                 entropy[chunk.tokens] = ent
         ctx.head, ctx.chunk_tokens, ctx.grad_weight_fp32 = head, chunk_tokens, grad_weight_fp32
+        ctx.shard = shard
         ctx.save_for_backward(lse_all)
         logp = logp.view(head.token_shape)
         if return_entropy:
@@ -577,7 +590,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, *unused):
         (lse_all,) = ctx.saved_tensors
         head = ctx.head
-        _, grad_inplace = row_kernels(head.backend)
+        _, grad_inplace = tensor_parallel.row_kernels(head.backend, ctx.shard)
         needs = ctx.needs_input_grad[:3]
         grads = _Grads(head, needs[0], needs[1], needs[2], ctx.grad_weight_fp32)
         grad_flat = grad_logp.reshape(-1)
@@ -591,27 +604,31 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         w_dtype = head.weight.dtype
         return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, -1),
                 None if grads.weight is None else grads.weight.to(w_dtype),
-                None if grads.bias is None else grads.bias.to(w_dtype), None, None, None, None)
+                None if grads.bias is None else grads.bias.to(w_dtype), None, None, None, None, None)
 
 
 def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=1.0,
                           return_entropy=False, chunk_tokens=None, backend="auto",
-                          grad_weight_fp32=True, softcap=None, logit_scale=1.0):
+                          grad_weight_fp32=True, softcap=None, logit_scale=1.0, tp_group=None,
+                          vocab_start=None):
     """``log_softmax((h W^T + b)/T)[target]`` per token without full logits.
 
     ``hidden`` ``[..., H]``, ``target_ids`` ``[...]``; returns logp ``[...]`` (fp32; fp64
     for fp64 inputs), differentiable w.r.t. hidden/weight/bias (backward recomputes the
     logits chunk by chunk), and with ``return_entropy`` also the tempered entropy
     (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient.
-    ``softcap``/``logit_scale``: as :func:`fused_linear_lpo_loss`."""
+    ``softcap``/``logit_scale``: as :func:`fused_linear_lpo_loss`.
+    ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``)."""
     packed = hidden.dim() == 2
     head = _check_head(hidden, weight, target_ids, bias, temperature, packed, backend, softcap, logit_scale) \
         if hidden.dim() in (2, 3) else None
     if head is None:
         raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "low_memory")
+    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
+    hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
     return _FusedLinearLogprobs.apply(hidden, weight, bias, head, chunk_tokens, return_entropy,
-                                      grad_weight_fp32)
+                                      grad_weight_fp32, shard)
 
 
 @torch.no_grad()
@@ -619,11 +636,12 @@ def fused_linear_lpo_group_stats(hidden, weight, target_ids, mask, group_ids, re
                                  advantages=None, *, bias=None, temperature=1.0, old_logp=None,
                                  cu_seqlens=None, target="grpo", seq_reduce="mean",
                                  chunk_tokens=None, backend="auto", validate=None, softcap=None,
-                                 logit_scale=1.0) -> LPOGroupStats:
+                                 logit_scale=1.0, tp_group=None, vocab_start=None) -> LPOGroupStats:
     """:func:`lpo_group_stats` from hidden states (one no-grad log-prob pass)."""
     logp = fused_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
                                  chunk_tokens=chunk_tokens, backend=backend, softcap=softcap,
-                                 logit_scale=logit_scale)
+                                 logit_scale=logit_scale, tp_group=tp_group,
+                                 vocab_start=vocab_start)
     return lpo_group_stats(logp, old_logp, mask, group_ids, rewards, advantages,
                            cu_seqlens=cu_seqlens, target=target, seq_reduce=seq_reduce,
                            validate=validate)
