@@ -52,8 +52,9 @@ from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_wit
 from .logit_transform import check_logit_transform, softcap_grad_inplace, softcap_inplace
 from .inputs import (InputDTypeError, check_listwise_inputs, check_same_device, check_tensor,
                      resolve_validate)
+from .inputs import malformed_offsets, malformed_offsets_error
 from .ops.loss_head import row_kernels
-from .options import LPOOptions
+from .options import LPOOptions, check_divisor
 
 MODES = ("fast", "low_memory")
 DEFAULT_CHUNK_TOKENS = {"fast": 8192, "low_memory": 1024}
@@ -106,10 +107,7 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend,
         if bias.shape != weight.shape[:1] or bias.dtype != weight.dtype:
             raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {weight.dtype}, got "
                              f"{tuple(bias.shape)} {bias.dtype}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    temperature = check_divisor("temperature", temperature)  # 1/T finite in fp32 (issue 13.7)
     softcap, logit_scale = check_logit_transform(softcap, logit_scale)
     check_same_device("hidden", hidden, weight=weight, target_ids=target_ids, bias=bias)
     backend = resolve_backend(backend, hidden.device, hidden.dtype)
@@ -257,6 +255,9 @@ def _group_chunks(batch, token_shape, chunk_tokens: int, device) -> list[_Chunk]
         offsets = [i * token_shape[1] for i in range(n_seqs + 1)]
     else:
         offsets = batch.cu_seqlens.tolist()  # the one host sync of this plan
+        if offsets[0] != 0 or offsets[-1] != token_shape[0] or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise malformed_offsets_error(int(malformed_offsets(batch.cu_seqlens, token_shape[0])),
+                                          token_shape[0])  # on the host already: cheap to check
     slots = reference.group_slots(batch.group_ids, batch.group_size, n_seqs, device).tolist()
     members: dict[int, list[int]] = {}
     for seq, slot in enumerate(slots):

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .inputs import check_same_device, check_tensor
-from .options import _check_choice, _check_real
+from .options import _check_choice, _check_real, check_divisor
 from .stats import _StatsMixin
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
@@ -96,9 +96,8 @@ class GRPOOptions:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ValueError(f"top_entropy_quantile must lie in [0, 1], got {self.top_entropy_quantile}")
-        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-            if getattr(self, name) <= 0.0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):  # sapo divides by them
+            check_divisor(name, getattr(self, name))
         if not isinstance(self.use_bias_correction_kl, bool):
             raise TypeError(f"use_bias_correction_kl must be a bool, got {self.use_bias_correction_kl!r}")
         mcl = self.max_completion_length

@@ -28,6 +28,23 @@ def _check_real(name: str, value) -> float:
     return value
 
 
+# The smallest normal float32 (2**-126). The kernels compute in fp32: a smaller divisor
+# (tau, a sampling temperature) flushes to 0 on GPUs and its reciprocal overflows.
+SMALLEST_DIVISOR = 2.0 ** -126
+
+
+def check_divisor(name: str, value) -> float:
+    """A Python number that the kernels divide by: finite, > 0, and >= SMALLEST_DIVISOR
+    so that 1/value is finite in float32 (tau=1e-40 would otherwise give NaN)."""
+    value = _check_real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if value < SMALLEST_DIVISOR:
+        raise ValueError(f"{name} must be >= {SMALLEST_DIVISOR:.8g} (the smallest normal float32: "
+                         f"1/{name} must be finite in the kernels' fp32 math), got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class LPOOptions:
     """Every option of the listwise loss (spec: ../shared/docs/lpo-math.md).
@@ -55,10 +72,10 @@ class LPOOptions:
         _check_choice("reduction", self.reduction, REDUCTIONS)
         for name in ("alpha", "tau", "eps", "clip_eps_low", "clip_eps_high"):
             object.__setattr__(self, name, _check_real(name, getattr(self, name)))
-        if self.tau <= 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
+        check_divisor("tau", self.tau)
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}")
+        check_divisor("alpha", self.alpha)  # c_k divides by alpha (1 - alpha >= 1e-16 anyway)
         if not 0.0 <= self.eps < 1.0:
             raise ValueError(f"eps must lie in [0, 1), got {self.eps}")
         if not 0.0 <= self.clip_eps_low <= 1.0:

@@ -131,6 +131,7 @@ def test_module_equals_function():
     (dict(delta=0.0), "delta"),
     (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
     (dict(sapo_temperature_neg=0.0), "sapo_temperature_neg"),
+    (dict(sapo_temperature_pos=1e-40), "sapo_temperature_pos"),
     (dict(off_policy_mask_threshold=float("nan")), "off_policy_mask_threshold"),
     (dict(epsilon=1.5), "epsilon"),
     (dict(use_bias_correction_kl=1), "use_bias_correction_kl"),
