@@ -19,8 +19,8 @@ from torch import Tensor
 from .fused_linear import (HeadOutputs, _attach, _check_chunk_tokens, _check_head,
                            _check_targets_in_vocab, _chunk_logits, _Grads, _logits_grad,
                            _needs_grad, _new_buffer)
-from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, grpo_forward, grpo_options,
-                   high_entropy_mask)
+from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, check_grpo_values, grpo_forward,
+                   grpo_options, high_entropy_mask)
 from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 
 
@@ -80,6 +80,9 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                        advantages=advantages, ref_logp=ref_logp, sampling_logp=sampling_logp,
                        importance_sampling_ratio=importance_sampling_ratio,
                        num_items_in_batch=num_items_in_batch, ref_name="hidden token")
+    check_grpo_values(shape, mask, validate, hidden.device, old_logp=old_logp, advantages=advantages,
+                      ref_logp=ref_logp, sampling_logp=sampling_logp,
+                      importance_sampling_ratio=importance_sampling_ratio)
     shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
     if shard is None:
         _check_targets_in_vocab(head, mask, validate)

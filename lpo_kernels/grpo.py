@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .inputs import check_same_device, check_tensor
+from .inputs import check_same_device, check_tensor, resolve_validate
 from .options import _check_choice, _check_real, check_divisor
 from .stats import _StatsMixin
 
@@ -426,8 +426,31 @@ def check_grpo_tensors(token_shape, options: GRPOOptions, *, device, old_logp, m
             raise ValueError(f"{name} is on {x.device} but {ref_name} is on {device}")
 
 
+def check_grpo_values(token_shape, mask, validate, device, **tensors) -> None:
+    """Finite values at the counted tokens (advantages: of the counted rows/tokens; the vLLM
+    ratio also >= 0). A host sync: runs when ``validate`` is True (None: CPU tensors only)."""
+    if not resolve_validate(validate, device):
+        return
+    counted = (torch.ones(token_shape, dtype=torch.bool, device=device) if mask is None
+               else mask.reshape(token_shape) != 0)
+    for name, x in tensors.items():
+        if x is None or not isinstance(x, Tensor):
+            continue
+        where = counted
+        if x.dim() == 2 and x.shape[1] == 1 and len(token_shape) == 2 and token_shape[1] != 1:
+            where = counted.any(-1, keepdim=True)  # [B, 1]: rows with a counted token
+        elif x.dim() == 1:
+            where = counted.any(-1)                # [B] advantages
+        bad = ~torch.isfinite(x.detach()) & where
+        if name == "importance_sampling_ratio":
+            bad = bad | ((x.detach() < 0) & where)
+        if bool(bad.any()):
+            raise ValueError(f"{name} has non-finite{' or negative' if name == 'importance_sampling_ratio' else ''} "
+                             f"values at counted tokens ({int(bad.sum())} of them)")
+
+
 def grpo_loss(logp, old_logp, mask, advantages, *, ref_logp=None, entropy=None, sampling_logp=None,
-              importance_sampling_ratio=None, num_items_in_batch=None, **options
+              importance_sampling_ratio=None, num_items_in_batch=None, validate=None, **options
               ) -> tuple[Tensor, GRPOStats]:
     """The GRPO loss family with TRL 1.16 GRPOTrainer's conventions (this module's docstring).
 
@@ -439,6 +462,7 @@ def grpo_loss(logp, old_logp, mask, advantages, *, ref_logp=None, entropy=None, 
     (:func:`vllm_importance_sampling_ratio`). ``num_items_in_batch``: the token count of the
     generation batch (``dapo``/``cispo``/``vespo``; default: this call's counted tokens).
     ``**options``: :class:`GRPOOptions` (TRL's names; default ``loss_type="dapo"``).
+    ``validate``: check that the counted values are finite (host sync; None: CPU only).
     Returns ``(loss, GRPOStats)``."""
     opts = grpo_options(**options)
     check_tensor("logp", logp, floating=True, dim=2)
@@ -447,6 +471,9 @@ def grpo_loss(logp, old_logp, mask, advantages, *, ref_logp=None, entropy=None, 
                        sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio,
                        num_items_in_batch=num_items_in_batch)
     check_same_device("logp", logp, advantages=advantages)
+    check_grpo_values(logp.shape, mask, validate, logp.device, logp=logp, old_logp=old_logp,
+                      advantages=advantages, ref_logp=ref_logp, entropy=entropy,
+                      sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio)
     return grpo_forward(logp, old_logp, mask, advantages, ref_logp, opts, entropy=entropy,
                         sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio,
                         num_items_in_batch=num_items_in_batch)
@@ -471,7 +498,7 @@ def naive_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     return grpo_loss(logp, old_logp, mask, advantages, ref_logp=ref_logp, **grpo_kwargs)
 
 
-_TENSOR_KWARGS = ("entropy", "sampling_logp", "importance_sampling_ratio", "num_items_in_batch")
+_TENSOR_KWARGS = ("entropy", "sampling_logp", "importance_sampling_ratio", "num_items_in_batch", "validate")
 
 __all__ = ["GRPOOptions", "GRPOStats", "GRPO_LOSS_TYPES", "grpo_loss", "grpo_forward",
            "grpo_options", "vllm_importance_sampling_ratio", "high_entropy_mask",

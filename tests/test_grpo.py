@@ -154,6 +154,17 @@ def test_bad_tensors_are_named():
         grpo_loss(*args, sampling_logp=case["logp"][:, 1:])
     with pytest.raises(TypeError, match="num_items_in_batch"):
         grpo_loss(*args, num_items_in_batch="7")
+    counted = case["mask"].nonzero()[0].tolist()
+    for name in ("old_logp", "ref_logp", "advantages"):
+        bad = dict(case)
+        bad[name] = case[name].clone()
+        bad[name][tuple(counted[: bad[name].dim()])] = float("nan")
+        with pytest.raises(ValueError, match=name):  # validate=None checks CPU tensors
+            grpo_loss(bad["logp"], bad["old_logp"], bad["mask"], bad["advantages"], ref_logp=bad["ref_logp"])
+        grpo_loss(bad["logp"], bad["old_logp"], bad["mask"], bad["advantages"], ref_logp=bad["ref_logp"],
+                  validate=False)  # the check is the only thing that looks
+    with pytest.raises(ValueError, match="importance_sampling_ratio"):
+        grpo_loss(*args, importance_sampling_ratio=-torch.ones(6, 1, dtype=F64))
 
 
 # --------------------------------------------------------------------------- fused head
