@@ -12,7 +12,6 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "alpha", "js")
 SEQ_REDUCES = ("mean", "sum")
 CLIP_MODES = ("clamp", "ppo", "none")
 REDUCTIONS = ("mean", "sum", "none")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -95,26 +94,9 @@ class LPOOptions:
         return low, math.log1p(self.clip_eps_high)
 
 
-@dataclass(frozen=True)
-class GRPOOptions:
-    """Options of the GRPO baseline (TRL's GRPOTrainer conventions)."""
+def __getattr__(name):  # GRPOOptions moved to grpo.py; old imports keep working
+    if name in ("GRPOOptions", "GRPO_LOSS_TYPES"):
+        from . import grpo
 
-    loss_type: str = "grpo"
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    beta: float = 0.0
-    max_completion_length: int | None = None
-
-    def __post_init__(self):
-        _check_choice("loss_type", self.loss_type, GRPO_LOSS_TYPES)
-        for name in ("clip_eps_low", "clip_eps_high", "beta"):
-            object.__setattr__(self, name, _check_real(name, getattr(self, name)))
-        if not 0.0 <= self.clip_eps_low <= 1.0:
-            raise ValueError(f"clip_eps_low must lie in [0, 1], got {self.clip_eps_low}")
-        if self.clip_eps_high < 0.0:
-            raise ValueError(f"clip_eps_high must be >= 0, got {self.clip_eps_high}")
-        if self.beta < 0.0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        mcl = self.max_completion_length
-        if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, int) or mcl <= 0):
-            raise ValueError(f"max_completion_length must be a positive int, got {mcl!r}")
+        return getattr(grpo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The math of LPO and of the GRPO baseline, once, in plain PyTorch.
+"""The math of LPO, once, in plain PyTorch (the GRPO baseline family: grpo.py).
 
 This file is the specification (../shared/docs/lpo-math.md) in code. Every kernel is
 tested against it; it is also the CPU fallback (``backend="torch"``). It runs in fp64
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .inputs import ListwiseBatch, check_listwise_inputs, malformed_offsets
-from .options import GRPOOptions, LPOOptions
-from .stats import GRPOStats, LPOStats
+from .options import LPOOptions
+from .stats import LPOStats
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -364,53 +364,6 @@ def listwise_from_scores(batch: ListwiseBatch, options: LPOOptions, scores: Tens
     return ListwiseResult(loss.detach(), token_grad.detach(), token_group, stats)
 
 
-# --------------------------------------------------------------------------- GRPO
-def grpo_forward(logp: Tensor, old_logp: Tensor | None, mask: Tensor | None, advantages: Tensor,
-                 ref_logp: Tensor | None, options: GRPOOptions):
-    """TRL GRPOTrainer's loss on padded [B, T] log-probs (differentiable through logp).
-
-    ``advantages`` is [B] or [B, T]. Returns (loss, GRPOStats)."""
-    dtype = compute_dtype(logp.dtype)
-    lp = logp.to(dtype)
-    old = lp.detach() if old_logp is None else old_logp.to(dtype)
-    m = torch.ones_like(lp) if mask is None else mask.to(dtype)
-    adv = advantages.to(dtype)
-    adv = adv[:, None] if adv.dim() == 1 else adv
-    counted = m != 0
-    log_ratio = torch.where(counted, lp - old, torch.zeros_like(lp))
-    ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - options.clip_eps_low, 1 + options.clip_eps_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
-    kl = torch.zeros_like(lp)
-    if ref_logp is not None:
-        ref_delta = torch.where(counted, ref_logp.to(dtype) - lp, torch.zeros_like(lp))
-        kl = torch.exp(ref_delta) - ref_delta - 1
-        if options.beta != 0.0:
-            per_token = per_token + options.beta * kl
-    per_token = torch.where(counted, per_token * m, torch.zeros_like(per_token))
-    tokens = m.sum().clamp(min=1)
-    if options.loss_type == "grpo":
-        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif options.loss_type in ("bnpo", "dapo"):  # dapo = bnpo on one process (TRL: global count)
-        loss = per_token.sum() / tokens
-    else:  # dr_grpo
-        length = options.max_completion_length or lp.shape[-1]
-        loss = per_token.sum() / (lp.shape[0] * length)
-    low = (ratio < 1 - options.clip_eps_low) & (adv < 0) & counted
-    high = (ratio > 1 + options.clip_eps_high) & (adv > 0) & counted
-    n_counted = counted.sum()
-    denom = n_counted.clamp(min=1).to(dtype)
-    stats = GRPOStats(
-        kl=((kl * m).sum() / denom).detach(),
-        clip_fraction=((low | high).sum() / denom).detach(),
-        clip_fraction_low=(low.sum() / denom).detach(),
-        clip_fraction_high=(high.sum() / denom).detach(),
-        n_seqs=(m.sum(-1) > 0).sum(),
-        n_tokens=n_counted,
-    )
-    return loss, stats
-
-
 # --------------------------------------------------------------------------- loss head
 def naive_linear_logprobs(hidden: Tensor, weight: Tensor, target_ids: Tensor, *,
                           bias: Tensor | None = None, temperature: float = 1.0,
@@ -461,10 +414,9 @@ def naive_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     return result.loss + per_group, result.stats
 
 
-def naive_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
-                           temperature=1.0, old_logp=None, ref_logp=None, softcap=None,
-                           logit_scale=1.0, **grpo_options):
-    """Naive eager GRPO from hidden states (TRL's path: full logits, fp32 log-softmax)."""
-    logp = naive_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
-                                 softcap=softcap, logit_scale=logit_scale)
-    return grpo_forward(logp, old_logp, mask, advantages, ref_logp, GRPOOptions(**grpo_options))
+def __getattr__(name):  # the GRPO family moved to grpo.py; old imports keep working
+    if name in ("grpo_forward", "naive_linear_grpo_loss"):
+        from . import grpo
+
+        return getattr(grpo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,11 +43,9 @@ class LPOStats(_StatsMixin):
             raise malformed_offsets_error(errors)
 
 
-@dataclass(frozen=True)
-class GRPOStats(_StatsMixin):
-    kl: Tensor                  # mean k3 KL to ref_logp over counted tokens (0 without ref)
-    clip_fraction: Tensor       # TRL's clip_ratio/region_mean
-    clip_fraction_low: Tensor   # TRL's clip_ratio/low_mean
-    clip_fraction_high: Tensor  # TRL's clip_ratio/high_mean
-    n_seqs: Tensor
-    n_tokens: Tensor
+def __getattr__(name):  # GRPOStats moved to grpo.py; old imports keep working
+    if name == "GRPOStats":
+        from . import grpo
+
+        return grpo.GRPOStats
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
