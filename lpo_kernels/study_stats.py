@@ -4,6 +4,7 @@ exact Wilcoxon signed-rank test. The unit of replication is a seed."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 
@@ -58,6 +59,7 @@ def t_sf_two_sided(t: float, df: float) -> float:
     return betainc(df / 2.0, 0.5, df / (df + t * t))
 
 
+@functools.lru_cache(maxsize=256)
 def t_ppf(q: float, df: float) -> float:
     """Quantile of Student's t (bisection on the CDF; q in (0, 1))."""
     if not 0.0 < q < 1.0:
