@@ -155,15 +155,19 @@ def run_task(cfg: StudyConfig, task_name: str, out: str, progress=None) -> list:
     run_cfg = cfg.run_config()
     folder = os.path.join(out, task_name)
     os.makedirs(folder, exist_ok=True)
-    settings = {"run_config": asdict(run_cfg), "task": asdict(task)}
+    settings = {"run_config": asdict(run_cfg), "task": asdict(task),
+                "machine": demo.machine_info(run_cfg)}
     settings_path = os.path.join(folder, "settings.json")
     runs_path = os.path.join(folder, "runs.jsonl")
+
+    def what_runs_depend_on(s: dict) -> dict:  # seeds/methods may grow; machine is a record
+        return {"task": s["task"], "run_config": {k: v for k, v in s["run_config"].items()
+                                                  if k not in ("seeds", "methods")}}
+
     if os.path.exists(settings_path):
         with open(settings_path) as f:
             previous = json.load(f)
-        if {**previous, "run_config": {**previous["run_config"], "seeds": None, "methods": None}} \
-                != {**settings, "run_config": {**settings["run_config"], "seeds": None,
-                                               "methods": None}}:
+        if what_runs_depend_on(previous) != what_runs_depend_on(settings):
             raise SystemExit(f"{folder} holds runs made with other settings: use another --out")
     with open(settings_path, "w") as f:
         json.dump(settings, f, indent=1)
@@ -338,12 +342,12 @@ def report(cfg: StudyConfig, out: str, verbose: bool = True) -> dict:
         with open(os.path.join(out, name, "settings.json")) as f:
             settings = json.load(f)
         methods = [m for m in cfg.methods if any(r["method"] == m for r in runs)]
+        settings.setdefault("machine", demo.machine_info(cfg.run_config()))  # (older runs)
         tasks[name] = {**settings, "methods": methods,
                        "seeds": len({r["seed"] for r in runs}),
                        "run_seconds": round(sum(r.get("seconds", 0.0) for r in runs), 1),
                        **analyse(runs, methods, settings["run_config"]), "runs": runs}
-    results = {"study_config": asdict(cfg), "machine": demo.machine_info(cfg.run_config()),
-               "loss_head": demo.LOSS_HEAD, "tasks": tasks}
+    results = {"study_config": asdict(cfg), "loss_head": demo.LOSS_HEAD, "tasks": tasks}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

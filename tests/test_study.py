@@ -137,6 +137,7 @@ def test_smoke_study_structure_resume_and_reproducibility(tmp_path):
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     for name, res in saved["tasks"].items():
         assert len(res["runs"]) == cfg.seeds * len(cfg.methods)
+        assert res["machine"]["threads"] == 1 and res["machine"]["torch"] == torch.__version__
         assert set(res["summary"]) == set(cfg.methods)
         for row in res["summary"].values():
             for key in ("final_reward", "final_pass", "auc", "mean_entropy", "final_entropy"):
