@@ -132,13 +132,14 @@ SMOKE = StudyConfig(seeds=2, steps=6, eval_every=3, overrides=dict(
 
 # --------------------------------------------------------------------------- running
 def _compact(run: dict) -> dict:
-    """A run as stored: floats rounded, per-prompt eval rewards dropped."""
+    """A run as stored: floats rounded, per-prompt rewards kept for the final eval only."""
     rnd = lambda v: None if v is None else round(v, 5)  # noqa: E731
     evals = [{k: (rnd(v) if isinstance(v, float) else v) for k, v in e.items()
               if k != "per_target_reward"} for e in run["evals"]]
     return {"method": run["method"], "seed": run["seed"],
             "curves": {k: [rnd(v) for v in vs] for k, vs in run["curves"].items()},
-            "evals": evals, "steps_to_threshold": run["steps_to_threshold"]}
+            "evals": evals, "steps_to_threshold": run["steps_to_threshold"],
+            "final_per_prompt_reward": [rnd(v) for v in run["evals"][-1]["per_target_reward"]]}
 
 
 def _load_runs(path: str) -> list:
@@ -311,21 +312,21 @@ def format_report(results: dict) -> str:
     for name, res in results["tasks"].items():
         k = res["run_config"]["group_size"]
         thr = res["run_config"]["threshold"]
-        lines += [f"### {name} ({res['seeds']} seeds x {res['run_config']['steps']} steps)", "",
-                  f"| method | final reward | final pass@{k} | reward AUC | steps to {thr:g} "
+        lines += [f"### {name} ({res['run_config']['steps']} RL steps per run)", "",
+                  f"| method | seeds | final reward | final pass@{k} | reward AUC | steps to {thr:g} "
                   f"(median; reached) | entropy, mean over training | final entropy |",
-                  "|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|"]
         for method, row in res["summary"].items():
             st = row["steps_to_threshold"]
             median = "never" if st["median"] is None else f"{st['median']:.0f}"
-            lines.append(f"| {method} | {_ci(row['final_reward'])} | {_ci(row['final_pass'])} | "
+            lines.append(f"| {method} | {row['final_reward']['n']} | {_ci(row['final_reward'])} | {_ci(row['final_pass'])} | "
                          f"{_ci(row['auc'])} | {median}; {st['reached']}/{st['seeds']} | "
                          f"{_ci(row['mean_entropy'])} | {_ci(row['final_entropy'])} |")
-        lines += ["", "| paired test (same seeds) | metric | mean difference [95% CI] | "
-                  "paired t p | Wilcoxon p | wins/losses |", "|---|---|---|---|---|---|"]
+        lines += ["", "| paired test (same seeds) | seeds | metric | mean difference [95% CI] | "
+                  "paired t p | Wilcoxon p | wins/losses |", "|---|---|---|---|---|---|---|"]
         for t in res["tests"]:
             pt, w = t["paired_t"], t["wilcoxon"]
-            lines.append(f"| {t['candidate']} − {t['baseline']} | {t['metric']} | "
+            lines.append(f"| {t['candidate']} − {t['baseline']} | {pt['n']} | {t['metric']} | "
                          f"{pt['mean_diff']:+.3f} [{pt['ci_lo']:+.3f}, {pt['ci_hi']:+.3f}] | "
                          f"{pt['p']:.3g} | {w['p']:.3g} | {w['positive']}/{w['negative']} |")
         lines.append("")
@@ -386,6 +387,8 @@ def parse_args(argv=None) -> tuple[StudyConfig, str, bool]:
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (default 1)")
+    p.add_argument("--updates-per-batch", type=int, default=None,
+                   help="optimizer steps per sampled batch (default: the demo's 2; 1 = on-policy)")
     p.add_argument("--smoke", action="store_true", help="a tiny study (CI): 2 seeds, 6 steps")
     p.add_argument("--report-only", action="store_true",
                    help="no training: rebuild results.json/table.md/curves.png from the runs")
@@ -397,6 +400,8 @@ def parse_args(argv=None) -> tuple[StudyConfig, str, bool]:
                       steps=a.steps if a.steps != d.steps or not a.smoke else base.steps,
                       threshold=a.threshold, eval_every=base.eval_every, threads=a.threads,
                       device=a.device, overrides=dict(base.overrides))
+    if a.updates_per_batch is not None:
+        cfg.overrides["updates_per_batch"] = a.updates_per_batch
     if cfg.seeds < 2:
         p.error("--seeds must be >= 2 (paired tests and intervals need two)")
     return cfg, a.out, a.report_only

@@ -186,3 +186,5 @@ def test_cli_study_flag_dispatches(tmp_path, capsys):
     assert "lpo_forward_kl − grpo" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         study.parse_args(["--seeds", "1"])
+    cfg, out, report_only = study.parse_args(["--updates-per-batch", "1", "--report-only"])
+    assert cfg.run_config().updates_per_batch == 1 and cfg.seeds == 10 and report_only
