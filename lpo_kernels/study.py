@@ -293,8 +293,11 @@ def plot(results: dict, path: str) -> bool:
         for ax in row:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    n_seeds = max(len({r["seed"] for r in res["runs"]}) for res in tasks.values())
-    fig.suptitle(f"LPO vs GRPO, matched GRPO target; mean and 95% t-interval over {n_seeds} seeds")
+    counts = sorted({sum(r["method"] == m for r in res["runs"])
+                     for res in tasks.values() for m in res["methods"]})
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    fig.suptitle(f"LPO vs GRPO, matched GRPO target; mean and 95% t-interval over {seeds} "
+                 "seeds per method")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -350,8 +353,9 @@ def report(cfg: StudyConfig, out: str, verbose: bool = True) -> dict:
                        **analyse(runs, methods, settings["run_config"]), "runs": runs}
     results = {"study_config": asdict(cfg), "loss_head": demo.LOSS_HEAD, "tasks": tasks}
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    with open(os.path.join(out, "results.json"), "w") as f:  # the runs stay in runs.jsonl
+        json.dump({**results, "tasks": {name: {k: v for k, v in res.items() if k != "runs"}
+                                        for name, res in tasks.items()}}, f, indent=1)
     table = format_report(results)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")

@@ -136,6 +136,8 @@ def test_smoke_study_structure_resume_and_reproducibility(tmp_path):
     assert set(results["tasks"]) == {"digit_sum", "sort"}
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     for name, res in saved["tasks"].items():
+        res = {**res, "runs": results["tasks"][name]["runs"]}
+        assert "runs" not in saved["tasks"][name]  # they stay in <task>/runs.jsonl
         assert len(res["runs"]) == cfg.seeds * len(cfg.methods)
         assert res["machine"]["threads"] == 1 and res["machine"]["torch"] == torch.__version__
         assert set(res["summary"]) == set(cfg.methods)
