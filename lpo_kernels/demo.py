@@ -2,6 +2,7 @@
 
     python -m lpo_kernels.demo                      # default run, a few minutes on 2 CPU cores
     python -m lpo_kernels.demo --device cuda --steps 400 --seeds 5
+    python -m lpo_kernels.demo --study              # the learning study (lpo_kernels.study)
 
 The task has a verifiable reward. A prompt names a target number t; the response is a
 string of digits ended by EOS, and earns reward 1 when its digits sum to t (0 otherwise,
