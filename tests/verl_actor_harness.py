@@ -1,0 +1,336 @@
+"""Runs verl 0.9.1's real actor update on a CPU and checks it against whole-batch ``lpo_loss``.
+
+Run with the python of an environment where verl is installed (``/work/venvs/verl`` in CI):
+
+    python tests/verl_actor_harness.py CASE [--world 2]
+
+Nothing here copies verl's code: the batch is built as verl's trainers store it, goes
+through verl's own trainer code (``RayPPOTrainer._balance_batch`` / ``_update_actor`` for
+the legacy trainer, the v1 trainer's balancing and its worker-side TransferQueue layout),
+and the update runs in verl's ``ActorRolloutRefWorker.update_actor`` -> ``TrainingWorker``
+-> ``FSDPEngine`` -> ``ppo_loss`` -> the registered LPO loss. The only stand-ins are the
+ones that let verl run without a GPU: a CPU platform registered through verl's plugin point
+(``PlatformRegistry.register`` + ``set_platform``), ``VERL_ENGINE_DEVICE=cuda`` (verl's
+override that selects the FSDP engine), gloo, and the Ray worker group replaced by calling
+the worker directly in each process (what Ray's dispatch does: rank r gets chunk r).
+
+The check: with SGD (lr=1, no weight decay, no clipping) the parameter update is minus the
+gradient; it must equal the gradient of ``lpo_loss`` over the whole mini-batch (rows in
+their original order, groups from ``uid``) computed with the plain HF model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import types
+
+os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")  # selects verl's FSDP engine on any device
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VERL_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import torch  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+N_GROUPS, GROUP, PROMPT, RESPONSE, VOCAB = 4, 4, 5, 6, 48
+
+
+# -- a CPU platform through verl's plugin point -------------------------------------------
+def install_cpu_platform():
+    from verl.plugin.platform.platform_base import PlatformBase
+    from verl.plugin.platform.platform_manager import PlatformRegistry, set_platform
+
+    memory = types.SimpleNamespace(
+        max_memory_allocated=lambda *a, **k: 0, max_memory_reserved=lambda *a, **k: 0,
+        memory_allocated=lambda *a, **k: 0, memory_reserved=lambda *a, **k: 0,
+        empty_cache=lambda: None, synchronize=lambda *a, **k: None, is_available=lambda: True,
+        current_device=lambda: "cpu", device_count=lambda: 1, set_device=lambda *a: None,
+        manual_seed=torch.manual_seed, manual_seed_all=torch.manual_seed,
+        reset_peak_memory_stats=lambda *a, **k: None, mem_get_info=lambda *a, **k: (0, 0),
+        memory_stats=lambda *a, **k: {}, get_rng_state=torch.get_rng_state, set_rng_state=torch.set_rng_state,
+        get_device_name=lambda *a, **k: "cpu")
+
+    @PlatformRegistry.register(platform="lpo_test_cpu")
+    class PlatformCPU(PlatformBase):
+        device_name = "cpu"
+        vendor_name = "cpu"
+        device_module = memory
+
+        def is_available(self):
+            return True
+
+        def is_platform_available(self, use_smi_check=False):
+            return True
+
+        def current_device(self):
+            return "cpu"  # verl moves micro-batches with .to(get_device_id())
+
+        def device_count(self):
+            return 1
+
+        def set_device(self, device_index):
+            pass
+
+        def synchronize(self, device_index=None):
+            pass
+
+        def manual_seed(self, seed):
+            torch.manual_seed(seed)
+
+        def manual_seed_all(self, seed):
+            torch.manual_seed(seed)
+
+        def set_allocator_settings(self, settings):
+            pass
+
+        def empty_cache(self):
+            pass
+
+        def get_device_capability(self, device_index=0):
+            return None, None
+
+        def communication_backend_name(self):
+            return "gloo"
+
+        def visible_devices_envvar(self):
+            return "CUDA_VISIBLE_DEVICES"
+
+        def nvtx_range(self, msg):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def profiler_start(self):
+            pass
+
+        def profiler_stop(self):
+            pass
+
+        def ray_resource_name(self):
+            return "GPU"
+
+        def ray_noset_envvars(self):
+            return []
+
+        def is_ipc_supported(self):
+            return False
+
+        def cudart(self):
+            return None
+
+    set_platform(PlatformCPU())
+
+
+# -- a tiny random Qwen2 and a tokenizer, built locally (no downloads) ------------------------
+def make_model_dir(root: str, seed: int = 0) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    path = os.path.join(root, "tiny_qwen2")
+    vocab = {f"t{i}": i for i in range(VOCAB - 2)}
+    vocab.update({"<pad>": VOCAB - 2, "<eos>": VOCAB - 1})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(path)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, pad_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
+                         bos_token_id=VOCAB - 1, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def compose_config(model_path: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    import verl.trainer.config as config_pkg
+
+    config_dir = os.path.dirname(config_pkg.__file__)
+    base = [
+        f"actor_rollout_ref.model.path={model_path}",
+        "actor_rollout_ref.model.external_lib=lpo_kernels.integrations.verl",
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "actor_rollout_ref.model.enable_gradient_checkpointing=False",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "actor_rollout_ref.actor.use_torch_compile=False",
+        "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
+        "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
+        "actor_rollout_ref.actor.optim.optimizer=SGD",
+        "actor_rollout_ref.actor.optim.lr=1.0",
+        "actor_rollout_ref.actor.optim.weight_decay=0.0",
+        "actor_rollout_ref.actor.optim.clip_grad=1e9",
+        f"actor_rollout_ref.rollout.n={GROUP}",
+        "actor_rollout_ref.rollout.name=vllm",
+        "algorithm.adv_estimator=grpo",
+    ]
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=base + overrides)
+
+
+# -- the batch, as the legacy trainer holds it after rewards, old log-probs and advantages ----
+def make_batch(seed: int, model, device="cpu"):
+    """A DataProto laid out as ray_trainer.py has it at _update_actor: left-padded prompts,
+    right-padded responses, ``uid`` per row (groups consecutive, as rollout produced them),
+    ``token_level_scores``/``token_level_rewards`` (reward on the last response token),
+    ``old_log_probs`` (the rollout policy: the model's own log-probs plus noise, off-policy),
+    ``advantages`` from verl's GRPO estimator."""
+    import numpy as np
+    from verl import DataProto
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    g = torch.Generator().manual_seed(seed)
+    b = N_GROUPS * GROUP
+    prompt_len = torch.randint(2, PROMPT + 1, (b,), generator=g)
+    resp_len = torch.randint(1, RESPONSE + 1, (b,), generator=g)
+    # one prompt per group: rows of a group share prompt tokens and length
+    prompt_len = prompt_len.view(N_GROUPS, GROUP)[:, :1].expand(N_GROUPS, GROUP).reshape(-1)
+    prompt_tokens = torch.randint(0, VOCAB - 2, (N_GROUPS, PROMPT), generator=g).repeat_interleave(GROUP, 0)
+    prompts = torch.full((b, PROMPT), VOCAB - 2)
+    prompt_mask = torch.zeros(b, PROMPT, dtype=torch.long)
+    for i in range(b):
+        n = int(prompt_len[i])
+        prompts[i, PROMPT - n:] = prompt_tokens[i, :n]
+        prompt_mask[i, PROMPT - n:] = 1
+    responses = torch.randint(0, VOCAB - 2, (b, RESPONSE), generator=g)
+    response_mask = (torch.arange(RESPONSE)[None, :] < resp_len[:, None]).long()
+    responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, VOCAB - 2))
+    input_ids = torch.cat([prompts, responses], 1)
+    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0) * attention_mask
+    reward = torch.randint(0, 3, (b,), generator=g).float() / 2
+    scores = torch.zeros(b, RESPONSE)
+    scores[torch.arange(b), resp_len - 1] = reward
+    uid = np.array([f"prompt-{seed}-{i // GROUP}" for i in range(b)], dtype=object)
+    advantages, returns = compute_grpo_outcome_advantage(scores, response_mask.float(), uid)
+    with torch.no_grad():
+        logp = response_log_probs(model, input_ids, attention_mask, position_ids)
+    old = logp + 0.3 * torch.randn(logp.shape, generator=g)
+    data = DataProto.from_dict(
+        tensors=dict(prompts=prompts, responses=responses, input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids, response_mask=response_mask, old_log_probs=old.float(),
+                     advantages=advantages, returns=returns, token_level_scores=scores,
+                     token_level_rewards=scores.clone()),
+        non_tensors=dict(uid=uid), meta_info={})
+    return data
+
+
+def response_log_probs(model, input_ids, attention_mask, position_ids):
+    """The response tokens' log-probs under ``model`` (as verl computes them, temperature 1)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, PROMPT - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, input_ids[:, PROMPT:, None]).squeeze(-1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case")
+    parser.add_argument("--world", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=None)
+    parser.add_argument("--port", type=int, default=29531)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.rank is None and args.world > 1:
+        return launch(args)
+    return run_rank(args, args.rank or 0)
+
+
+def launch(args):
+    import subprocess
+    workdir = args.workdir or tempfile.mkdtemp(prefix="lpo_verl_")
+    procs = [subprocess.Popen([sys.executable, __file__, args.case, "--world", str(args.world), "--rank", str(r),
+                               "--port", str(args.port), "--workdir", workdir]
+                              + (["--out", args.out] if args.out and r == 0 else []))
+             for r in range(args.world)]
+    codes = [p.wait() for p in procs]
+    return max(codes)
+
+
+CASES = {}
+
+
+def run_rank(args, rank):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.world), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+    install_cpu_platform()
+    # verl would ask for "cpu:gloo,<device>:<backend>", which on a CPU names gloo twice
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=args.world)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="lpo_verl_")
+    result = CASES[args.case](args, rank, workdir)
+    if rank == 0:
+        print("LPO_VERL_RESULT " + json.dumps(result))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f)
+    return 0
+
+
+
+# -- the legacy trainer's path: RayPPOTrainer._balance_batch / _update_actor ------------------
+class DirectWorkerGroup:
+    """Stands in for Ray's worker group: verl's own dispatch split (rank r gets chunk r of
+    ``_split_args_kwargs_data_proto``), then this process's worker runs its chunk."""
+
+    def __init__(self, worker, rank, world):
+        self.worker, self.rank, self.world = worker, rank, world
+        self.world_size = world
+
+    def update_actor(self, batch_td):
+        from verl.single_controller.base.decorator import _split_args_kwargs_data_proto
+        (chunks,), _ = _split_args_kwargs_data_proto(self.world, batch_td)
+        chunk = chunks[self.rank].clone().unlock_()  # what arrives through Ray: a fresh copy
+        return self.worker.update_actor(chunk)
+
+
+def build_worker(config):
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+    worker = ActorRolloutRefWorker(config.actor_rollout_ref, role="actor")
+    worker.init_model()
+    return worker
+
+
+def full_params(worker):
+    """The actor's parameters, gathered from FSDP2's shards, by name."""
+    out = {}
+    for name, p in worker.actor.engine.module.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = t.detach().clone().double()
+    return out
+
+
+def legacy_update(config, worker, batch, rank, world, balance):
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    trainer = types.SimpleNamespace(config=config, actor_rollout_wg=DirectWorkerGroup(worker, rank, world),
+                                    distillation_config=None, _get_dp_size=lambda wg, role: world)
+    if balance:
+        RayPPOTrainer._balance_batch(trainer, batch, metrics={})
+    return RayPPOTrainer._update_actor(trainer, batch)
+
+
+def smoke(args, rank, workdir):
+    from transformers import AutoModelForCausalLM
+    path = make_model_dir(os.path.join(workdir, f"rank{rank}"))
+    config = compose_config(path, ["actor_rollout_ref.actor.ppo_mini_batch_size=4",
+                                   "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+                                   "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4"])
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    batch = make_batch(0, model)
+    worker = build_worker(config)
+    before = full_params(worker)
+    out = legacy_update(config, worker, batch, rank, args.world, balance=True)
+    after = full_params(worker)
+    delta = sum(float((after[k] - before[k]).abs().sum()) for k in before)
+    return {"delta": delta, "metrics": sorted(out.meta_info["metrics"])}
+
+
+CASES["smoke"] = smoke
+
+
+if __name__ == "__main__":
+    sys.exit(main())
