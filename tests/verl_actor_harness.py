@@ -332,5 +332,73 @@ def smoke(args, rank, workdir):
 CASES["smoke"] = smoke
 
 
+
+# -- the checks -------------------------------------------------------------------------------
+def reference_grads(model_path, batch, loss_mode, options, loss_agg_mode):
+    """Gradient of whole-mini-batch ``lpo_loss`` (rows in the rollout's order, groups from
+    ``uid``) w.r.t. the plain HF model's parameters, in fp64."""
+    from transformers import AutoModelForCausalLM
+
+    from lpo_kernels import lpo_loss
+    from lpo_kernels.integrations.verl import LOSS_DIVERGENCES, LOSS_AGG_MODES
+    from lpo_kernels.integrations.verl_minibatch import uid_to_group_ids
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float64)
+    t = batch.batch
+    logp = response_log_probs(model, t["input_ids"], t["attention_mask"], t["position_ids"])
+    mask = t["response_mask"].bool()
+    group_ids = uid_to_group_ids(batch.non_tensor_batch["uid"])
+    target = options.get("target", "advantages")
+    rewards = t["token_level_rewards"].double().sum(-1)
+    adv = (t["advantages"].double() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    loss, _ = lpo_loss(logp, t["old_log_probs"].double(), mask, group_ids,
+                       None if target == "advantages" else rewards, adv if target == "advantages" else None,
+                       target=target, divergence=LOSS_DIVERGENCES[loss_mode], tau=float(options.get("tau", 1.0)),
+                       clip=options.get("clip", "clamp"), clip_eps_low=0.2, clip_eps_high=0.28,
+                       seq_reduce=LOSS_AGG_MODES[loss_agg_mode], backend="torch")
+    loss.backward()
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}, float(loss)
+
+
+def check_case(args, rank, workdir, *, overrides=(), loss_mode="lpo_fwd", options=None, balance=True,
+               shuffle_rows=False, loss_agg_mode="seq-mean-token-mean", seed=0):
+    options = dict(options or {})
+    os.environ["LPO_VERL_OPTIONS"] = ",".join(f"{k}={v}" for k, v in options.items())
+    path = make_model_dir(os.path.join(workdir, f"rank{rank}"))
+    config = compose_config(path, [f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
+                                   f"actor_rollout_ref.actor.loss_agg_mode={loss_agg_mode}",
+                                   f"actor_rollout_ref.actor.ppo_mini_batch_size={N_GROUPS}",
+                                   "actor_rollout_ref.actor.clip_ratio_low=0.2",
+                                   "actor_rollout_ref.actor.clip_ratio_high=0.28"] + list(overrides))
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    batch = make_batch(seed, model)
+    expected, ref_loss = reference_grads(path, batch, loss_mode, options, loss_agg_mode)
+    if shuffle_rows:  # rows in any order (e.g. a custom trainer or a replay buffer)
+        perm = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed + 7))
+        batch.reorder(perm)
+    worker = build_worker(config)
+    before = full_params(worker)
+    out = legacy_update(config, worker, batch, rank, args.world, balance=balance)
+    after = full_params(worker)
+    num = sum(float(((after[k] - before[k]) + expected[k]).pow(2).sum()) for k in expected)
+    den = sum(float(expected[k].pow(2).sum()) for k in expected)
+    metrics = {k: v for k, v in out.meta_info["metrics"].items() if k.startswith("actor/")}
+    return {"rel_err": (num / den) ** 0.5, "grad_norm": den ** 0.5, "ref_loss": ref_loss,
+            "metrics": {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in metrics.items()}}
+
+
+DYNAMIC = ["actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=40",
+           "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=40"]
+FIXED = ["actor_rollout_ref.actor.use_dynamic_bsz=False", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2"]
+CASES["defaults"] = lambda a, r, w: check_case(a, r, w, overrides=DYNAMIC)
+CASES["micro"] = lambda a, r, w: check_case(a, r, w, overrides=FIXED, loss_mode="lpo_rev", seed=1)
+CASES["shuffled"] = lambda a, r, w: check_case(a, r, w, overrides=FIXED + ["actor_rollout_ref.actor.shuffle=True"],
+                                               shuffle_rows=True, balance=False, loss_mode="lpo_js", seed=2)
+CASES["rloo"] = lambda a, r, w: check_case(a, r, w, overrides=DYNAMIC, options={"target": "rloo", "clip": "ppo"},
+                                           loss_mode="lpo_alpha", seed=3)
+
+
 if __name__ == "__main__":
     sys.exit(main())
