@@ -83,11 +83,12 @@ def current_micro_rows() -> torch.Tensor | None:
 
 def uid_to_group_ids(uids) -> torch.Tensor:
     """verl's ``uid`` strings -> int64 ids that are equal on every rank (a stable hash;
-    Python's ``hash`` is salted per process)."""
+    Python's ``hash`` is salted per process). 52 bits: ``all_gather_group_stats`` carries
+    ids in fp64, exact below 2**53; a collision among n groups has probability ~n**2 / 2**53."""
     out = []
     for u in uids:
         digest = hashlib.blake2b(str(u).encode(), digest_size=8).digest()
-        out.append(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
+        out.append(int.from_bytes(digest, "little") & (1 << 52) - 1)
     return torch.tensor(out, dtype=torch.long)
 
 
