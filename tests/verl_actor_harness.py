@@ -361,7 +361,7 @@ def reference_grads(model_path, batch, loss_mode, options, loss_agg_mode):
 
 
 def check_case(args, rank, workdir, *, overrides=(), loss_mode="lpo_fwd", options=None, balance=True,
-               shuffle_rows=False, loss_agg_mode="seq-mean-token-mean", seed=0):
+               shuffle_rows=False, loss_agg_mode="seq-mean-token-mean", seed=0, trainer="legacy"):
     options = dict(options or {})
     os.environ["LPO_VERL_OPTIONS"] = ",".join(f"{k}={v}" for k, v in options.items())
     path = make_model_dir(os.path.join(workdir, f"rank{rank}"))
@@ -379,7 +379,10 @@ def check_case(args, rank, workdir, *, overrides=(), loss_mode="lpo_fwd", option
         batch.reorder(perm)
     worker = build_worker(config)
     before = full_params(worker)
-    out = legacy_update(config, worker, batch, rank, args.world, balance=balance)
+    if trainer == "v1":
+        out = v1_update(config, worker, batch, rank, args.world)
+    else:
+        out = legacy_update(config, worker, batch, rank, args.world, balance=balance)
     after = full_params(worker)
     num = sum(float(((after[k] - before[k]) + expected[k]).pow(2).sum()) for k in expected)
     den = sum(float(expected[k].pow(2).sum()) for k in expected)
@@ -398,6 +401,73 @@ CASES["shuffled"] = lambda a, r, w: check_case(a, r, w, overrides=FIXED + ["acto
                                                shuffle_rows=True, balance=False, loss_mode="lpo_js", seed=2)
 CASES["rloo"] = lambda a, r, w: check_case(a, r, w, overrides=DYNAMIC, options={"target": "rloo", "clip": "ppo"},
                                            loss_mode="lpo_alpha", seed=3)
+
+
+
+# -- the default v1 trainer's path: PPOTrainer._balance_batch / _update_actor on KVBatchMeta ---
+def v1_samples(batch):
+    """The per-sample fields as the v1 trainer holds them in TransferQueue after
+    ``_compute_advantage``: unpadded prompt/response tensors (agent_loop_tq.py), response
+    fields as nested ``[response_len]`` (``response_to_nested``), ``rm_scores`` (the reward on
+    the last token), ``uid`` per sample. Keys ``{uid}_{session}_{index}``; tags carry seq_len."""
+    t = batch.batch
+    keys, samples, tags = [], [], []
+    for i in range(len(batch)):
+        pm, rm = t["attention_mask"][i, :PROMPT].bool(), t["response_mask"][i].bool()
+        prompts, responses = t["prompts"][i][pm], t["responses"][i][rm]
+        n = int(rm.sum())
+        input_ids = torch.cat([prompts, responses])
+        uid = batch.non_tensor_batch["uid"][i]
+        samples.append(dict(prompts=prompts, responses=responses, input_ids=input_ids,
+                            attention_mask=torch.ones_like(input_ids), position_ids=torch.arange(len(input_ids)),
+                            response_mask=torch.ones(n, dtype=torch.int64), loss_mask=torch.ones(n, dtype=torch.int64),
+                            rm_scores=t["token_level_scores"][i, :n].float(), old_log_probs=t["old_log_probs"][i, :n],
+                            advantages=t["advantages"][i, :n], uid=uid))
+        keys.append(f"{uid}_{i % GROUP}_0")
+        tags.append({"status": "success", "prompt_len": len(prompts), "response_len": n,
+                     "seq_len": len(input_ids)})
+    return keys, samples, tags
+
+
+class DirectKVWorkerGroup(DirectWorkerGroup):
+    """The v1 worker group: verl's dispatch split of the KVBatchMeta, then what the worker's
+    ``tqbridge`` does with it (fetch the chunk's samples, stacked by verl's
+    ``list_of_dict_to_tensordict`` as they were put, plus ``extra_info`` as non-tensor data)."""
+
+    def __init__(self, worker, rank, world, store):
+        super().__init__(worker, rank, world)
+        self.store = store
+        self._dispatch_info = {"actor": list(range(world))}
+
+    def update_actor(self, meta):
+        from verl.utils import tensordict_utils as tu
+        # dispatch: rank r gets the r-th of dp equal contiguous chunks (verl's BatchData.chunk,
+        # which for a KVBatchMeta goes through TransferQueue's controller)
+        per = len(meta.keys) // self.world
+        keys = meta.keys[self.rank * per:(self.rank + 1) * per]
+        data = tu.list_of_dict_to_tensordict([self.store[k] for k in keys])
+        for key, val in meta.extra_info.items():
+            tu.assign_non_tensor_data(tensor_dict=data, key=key, val=val)
+        out = self.worker.update_actor(data)
+        return {"metrics": tu.get(out, "metrics")}
+
+
+def v1_update(config, worker, batch, rank, world):
+    from verl.protocol import KVBatchMeta
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    keys, samples, tags = v1_samples(batch)
+    store = dict(zip(keys, samples))
+    meta = KVBatchMeta(keys=keys, tags=tags, partition_id="train", fields=None, extra_info={})
+    trainer = types.SimpleNamespace(config=config, actor_rollout_wg=DirectKVWorkerGroup(worker, rank, world, store),
+                                    distillation_config=None, use_critic=False, global_steps=1,
+                                    tokenizer=types.SimpleNamespace(eos_token_id=VOCAB - 1))
+    trainer._get_required_batch_multiple = types.MethodType(PPOTrainer._get_required_batch_multiple, trainer)
+    meta = PPOTrainer._balance_batch(trainer, meta, metrics={})  # unconditional in the v1 trainer
+    metrics = {}
+    PPOTrainer._update_actor(trainer, meta, metrics)
+    return types.SimpleNamespace(meta_info={"metrics": metrics})
+CASES["v1"] = lambda a, r, w: check_case(a, r, w, overrides=DYNAMIC, trainer="v1", loss_mode="lpo_fwd",
+                                         options={"target": "grpo"}, seed=4)
 
 
 if __name__ == "__main__":
