@@ -355,9 +355,37 @@ def reference_grads(model_path, batch, loss_mode, options, loss_agg_mode):
                        None if target == "advantages" else rewards, adv if target == "advantages" else None,
                        target=target, divergence=LOSS_DIVERGENCES[loss_mode], tau=float(options.get("tau", 1.0)),
                        clip=options.get("clip", "clamp"), clip_eps_low=0.2, clip_eps_high=0.28,
-                       seq_reduce=LOSS_AGG_MODES[loss_agg_mode], backend="torch")
+                       seq_reduce=LOSS_AGG_MODES.get(loss_agg_mode, "mean"), backend="torch")
     loss.backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}, float(loss)
+
+
+def spy_on_loss_calls():
+    """Counts the LPO loss calls and how many of them held a group only in part (the layout
+    the pre-pass exists for), so a test can tell that the split really happened."""
+    from lpo_kernels.integrations import verl as lpo_verl
+    from lpo_kernels.integrations.verl_minibatch import current_micro_rows, current_plan
+
+    seen = {"calls": 0, "partial_group_calls": 0, "groups_across_ranks": 0}
+    inner = lpo_verl.compute_policy_loss_lpo
+
+    def spy(*a, **k):
+        plan, rows = current_plan(), current_micro_rows()
+        if plan is not None and rows is not None:
+            seen["calls"] += 1
+            own = plan.local.group_ids[rows]
+            everyone = plan.local.group_ids if plan.remote is None else torch.cat([plan.local.group_ids,
+                                                                                   plan.remote.group_ids])
+            if any(int((own == g).sum()) < int((everyone == g).sum()) for g in own.unique()):
+                seen["partial_group_calls"] += 1
+            if plan.remote is not None:
+                seen["groups_across_ranks"] = int(torch.isin(plan.local.group_ids.unique(),
+                                                             plan.remote.group_ids).sum())
+        return inner(*a, **k)
+
+    lpo_verl.compute_policy_loss_lpo = spy
+    seen_restore = lambda: setattr(lpo_verl, "compute_policy_loss_lpo", inner)  # noqa: E731
+    return seen, seen_restore
 
 
 def check_case(args, rank, workdir, *, overrides=(), loss_mode="lpo_fwd", options=None, balance=True,
@@ -378,16 +406,25 @@ def check_case(args, rank, workdir, *, overrides=(), loss_mode="lpo_fwd", option
         perm = torch.randperm(len(batch), generator=torch.Generator().manual_seed(seed + 7))
         batch.reorder(perm)
     worker = build_worker(config)
+    seen, restore = spy_on_loss_calls()
     before = full_params(worker)
-    if trainer == "v1":
-        out = v1_update(config, worker, batch, rank, args.world)
-    else:
-        out = legacy_update(config, worker, batch, rank, args.world, balance=balance)
+    try:
+        if trainer == "v1":
+            out = v1_update(config, worker, batch, rank, args.world)
+        else:
+            out = legacy_update(config, worker, batch, rank, args.world, balance=balance)
+    except Exception as exc:  # the error path: reported, not raised
+        from lpo_kernels.integrations.verl_minibatch import LPOVerlError
+        if not isinstance(exc, LPOVerlError):
+            raise
+        return {"error": type(exc).__name__, "message": str(exc)}
+    finally:
+        restore()
     after = full_params(worker)
     num = sum(float(((after[k] - before[k]) + expected[k]).pow(2).sum()) for k in expected)
     den = sum(float(expected[k].pow(2).sum()) for k in expected)
     metrics = {k: v for k, v in out.meta_info["metrics"].items() if k.startswith("actor/")}
-    return {"rel_err": (num / den) ** 0.5, "grad_norm": den ** 0.5, "ref_loss": ref_loss,
+    return {"rel_err": (num / den) ** 0.5, "grad_norm": den ** 0.5, "ref_loss": ref_loss, **seen,
             "metrics": {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in metrics.items()}}
 
 
@@ -468,6 +505,26 @@ def v1_update(config, worker, batch, rank, world):
     return types.SimpleNamespace(meta_info={"metrics": metrics})
 CASES["v1"] = lambda a, r, w: check_case(a, r, w, overrides=DYNAMIC, trainer="v1", loss_mode="lpo_fwd",
                                          options={"target": "grpo"}, seed=4)
+
+# errors: a reward target with groups spread over two optimizer steps; verl's default token-mean
+CASES["error_split"] = lambda a, r, w: check_case(
+    a, r, w, overrides=DYNAMIC + ["actor_rollout_ref.actor.ppo_mini_batch_size=2"],
+    options={"target": "rloo"}, shuffle_rows=True, seed=5)
+CASES["error_agg"] = lambda a, r, w: check_case(a, r, w, overrides=DYNAMIC, loss_agg_mode="token-mean", seed=6)
+
+
+def run_all(args, rank, workdir):
+    """Every single-process case in one process (verl's import costs ~10 s)."""
+    import time
+    out = {}
+    for name in ("defaults", "micro", "shuffled", "rloo", "v1", "error_split", "error_agg"):
+        start = time.perf_counter()
+        out[name] = CASES[name](args, rank, os.path.join(workdir, name))
+        out[name]["seconds"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+CASES["all"] = run_all
 
 
 if __name__ == "__main__":
