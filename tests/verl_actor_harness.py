@@ -232,7 +232,7 @@ def main():
     parser.add_argument("case")
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--rank", type=int, default=None)
-    parser.add_argument("--port", type=int, default=29531)
+    parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -243,7 +243,12 @@ def main():
 
 def launch(args):
     import subprocess
+    import socket
     workdir = args.workdir or tempfile.mkdtemp(prefix="lpo_verl_")
+    if not args.port:
+        with socket.socket() as sock:  # a free port for the gloo rendezvous
+            sock.bind(("127.0.0.1", 0))
+            args.port = sock.getsockname()[1]
     procs = [subprocess.Popen([sys.executable, __file__, args.case, "--world", str(args.world), "--rank", str(r),
                                "--port", str(args.port), "--workdir", workdir]
                               + (["--out", args.out] if args.out and r == 0 else []))
@@ -425,7 +430,8 @@ def check_case(args, rank, workdir, *, overrides=(), loss_mode="lpo_fwd", option
     den = sum(float(expected[k].pow(2).sum()) for k in expected)
     metrics = {k: v for k, v in out.meta_info["metrics"].items() if k.startswith("actor/")}
     return {"rel_err": (num / den) ** 0.5, "grad_norm": den ** 0.5, "ref_loss": ref_loss, **seen,
-            "metrics": {k: (v if isinstance(v, (int, float)) else str(v)) for k, v in metrics.items()}}
+            "metrics": {k: float(sum(map(float, v)) / len(v)) if isinstance(v, list) else float(v)
+                        for k, v in metrics.items()}}
 
 
 DYNAMIC = ["actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=40",
