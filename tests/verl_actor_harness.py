@@ -33,6 +33,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VERL_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+# verl 0.9.1 patches TRL's value-head model when TRL is importable and fails with TRL >= 1.0
+# (``trl.experimental.ppo`` is gone); an environment that shares the system's site-packages
+# sees TRL, so hide it from verl (find_spec returns None for a None entry).
+sys.modules.setdefault("trl", None)
+
 import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
