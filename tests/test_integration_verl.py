@@ -294,6 +294,8 @@ def test_real_verl_actor_update_single_process(verl_env, tmp_path):
         assert r["grad_norm"] > 1e-3, (case, r)
         assert r["calls"] >= 2 and r["partial_group_calls"] >= 1, (case, r)
         assert r["metrics"]["actor/pg_loss"] == pytest.approx(r["ref_loss"], rel=1e-5), (case, r)
+    two = results["two_steps"]  # two optimizer steps, every group straddling them
+    assert two["steps"] == 2 and two["groups_in_both_steps"] >= 1 and two["rel_err"] < 1e-5, two
     assert results["error_split"]["error"] == "LPOVerlError"
     assert "ppo_mini_batch_size" in results["error_split"]["message"]
     assert results["error_agg"]["error"] == "LPOVerlError"

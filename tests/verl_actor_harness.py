@@ -133,7 +133,7 @@ def install_cpu_platform():
 
 
 # -- a tiny random Qwen2 and a tokenizer, built locally (no downloads) ------------------------
-def make_model_dir(root: str, seed: int = 0) -> str:
+def make_model_dir(root: str, seed: int = 0, hidden: int = 32, layers: int = 2) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -143,7 +143,7 @@ def make_model_dir(root: str, seed: int = 0) -> str:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>").save_pretrained(path)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False, pad_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
                          bos_token_id=VOCAB - 1, attn_implementation="sdpa")
@@ -528,7 +528,7 @@ def run_all(args, rank, workdir):
     """Every single-process case in one process (verl's import costs ~10 s)."""
     import time
     out = {}
-    for name in ("defaults", "micro", "shuffled", "rloo", "v1", "error_split", "error_agg"):
+    for name in ("defaults", "micro", "shuffled", "rloo", "v1", "two_steps", "error_split", "error_agg"):
         start = time.perf_counter()
         out[name] = CASES[name](args, rank, os.path.join(workdir, name))
         out[name]["seconds"] = round(time.perf_counter() - start, 2)
@@ -536,6 +536,120 @@ def run_all(args, rank, workdir):
 
 
 CASES["all"] = run_all
+
+
+
+def cost(args, rank, workdir):
+    """Not a test: the pre-pass's share of the actor update's time on a larger model
+    (hidden 512, 4 layers, vocab 4096, 8 groups of 8, responses up to 256 tokens)."""
+    import time
+
+    from verl.workers.engine.base import BaseEngine
+    global N_GROUPS, GROUP, PROMPT, RESPONSE, VOCAB
+    N_GROUPS, GROUP, PROMPT, RESPONSE, VOCAB = 8, 8, 64, 256, 4096
+    path = make_model_dir(os.path.join(workdir, f"rank{rank}"), hidden=512, layers=4)
+    spent = {"prepass": 0.0}
+    infer = BaseEngine.infer_batch
+
+    def timed_infer(self, *a, **k):
+        start = time.perf_counter()
+        try:
+            return infer(self, *a, **k)
+        finally:
+            spent["prepass"] += time.perf_counter() - start
+
+    BaseEngine.infer_batch = timed_infer
+    out = {}
+    for mode in ("lpo_fwd", "vanilla"):
+        config = compose_config(path, [f"actor_rollout_ref.actor.policy_loss.loss_mode={mode}",
+                                       "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean",
+                                       f"actor_rollout_ref.actor.ppo_mini_batch_size={N_GROUPS}",
+                                       "actor_rollout_ref.actor.use_dynamic_bsz=True",
+                                       "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=4096",
+                                       "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=4096"])
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        batch = make_batch(0, model)
+        worker = build_worker(config)
+        legacy_update(config, worker, make_batch(1, model), rank, args.world, balance=True)  # warm-up
+        spent["prepass"] = 0.0
+        start = time.perf_counter()
+        for _ in range(2):
+            legacy_update(config, worker, batch, rank, args.world, balance=True)
+        total = time.perf_counter() - start
+        out[mode] = {"update_s": total / 2, "prepass_s": spent["prepass"] / 2}
+    out["prepass_share_of_lpo_update"] = out["lpo_fwd"]["prepass_s"] / out["lpo_fwd"]["update_s"]
+    out["lpo_update_over_vanilla"] = out["lpo_fwd"]["update_s"] / out["vanilla"]["update_s"]
+    return out
+
+
+CASES["cost"] = cost
+
+
+
+def two_steps(args, rank, workdir):
+    """Two optimizer steps per batch (``ppo_mini_batch_size`` = half the prompts), rows
+    shuffled so groups straddle the steps, target 'advantages': each step's SGD update must
+    equal the gradient of ``lpo_loss`` over the rows of that step's mini-batch (groups = the
+    members it holds, target from verl's whole-group advantages), at that step's weights."""
+    from transformers import AutoModelForCausalLM
+
+    import lpo_kernels.integrations.verl  # noqa: F401  (installs the pre-pass before we wrap it)
+    from lpo_kernels import lpo_loss
+    from lpo_kernels.integrations.verl_minibatch import uid_to_group_ids
+    from verl.workers.engine.base import BaseEngine
+
+    os.environ["LPO_VERL_OPTIONS"] = ""
+    path = make_model_dir(os.path.join(workdir, f"rank{rank}"))
+    config = compose_config(path, ["actor_rollout_ref.actor.policy_loss.loss_mode=lpo_fwd",
+                                   "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean",
+                                   f"actor_rollout_ref.actor.ppo_mini_batch_size={N_GROUPS // 2}",
+                                   "actor_rollout_ref.actor.clip_ratio_low=0.2",
+                                   "actor_rollout_ref.actor.clip_ratio_high=0.28"] + DYNAMIC)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float64)
+    batch = make_batch(8, model.float())
+    batch.reorder(torch.randperm(len(batch), generator=torch.Generator().manual_seed(3)))
+    batch.batch["row_tag"] = torch.arange(len(batch))
+    t = {k: v.clone() for k, v in batch.batch.items()}
+    uids = list(batch.non_tensor_batch["uid"])
+    steps = []
+    inner = BaseEngine.train_batch
+
+    def record(self, data, loss_function):
+        steps.append(data["row_tag"].clone())
+        return inner(self, data, loss_function)
+
+    BaseEngine.train_batch = record
+    worker = build_worker(config)
+    before = full_params(worker)
+    try:
+        legacy_update(config, worker, batch, rank, args.world, balance=True)
+    finally:
+        BaseEngine.train_batch = inner
+    after = full_params(worker)
+    model = model.double()
+    mask_all = t["response_mask"].bool()
+    adv_all = (t["advantages"].double() * mask_all).sum(-1) / mask_all.sum(-1).clamp(min=1)
+    gid_all = uid_to_group_ids(uids)
+    for rows in steps:  # SGD, lr=1, on the plain model, step by step
+        rows = rows.long()
+        model.zero_grad()
+        logp = response_log_probs(model, t["input_ids"][rows], t["attention_mask"][rows], t["position_ids"][rows])
+        loss, _ = lpo_loss(logp, t["old_log_probs"][rows].double(), mask_all[rows], gid_all[rows], None,
+                           adv_all[rows], target="advantages", clip_eps_low=0.2, clip_eps_high=0.28, backend="torch")
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= p.grad
+    expected = dict(model.named_parameters())
+    num = sum(float((after[k] - expected[k].detach()).pow(2).sum()) for k in after)
+    den = sum(float((after[k] - before[k]).pow(2).sum()) for k in after)
+    straddling = len(set(uids[int(i)] for i in steps[0]) & set(uids[int(i)] for i in steps[1]))
+    return {"rel_err": (num / den) ** 0.5, "update_norm": den ** 0.5, "steps": len(steps),
+            "groups_in_both_steps": straddling}
+
+
+CASES["two_steps"] = two_steps
 
 
 if __name__ == "__main__":
