@@ -286,7 +286,8 @@ def test_real_verl_actor_update_single_process(verl_env, tmp_path):
     """verl 0.9.1's ActorRolloutRefWorker.update_actor on CPU: the parameter update (SGD,
     lr=1) equals minus the gradient of whole-mini-batch lpo_loss, with verl's balancing, its
     dynamic batch size, fixed micro-batches of 2 rows, shuffled rows, a reward target (rloo),
-    and the default v1 trainer's path; the calls really held partial groups."""
+    the default v1 trainer's path, and two optimizer steps per batch (checked step by step);
+    the calls really held partial groups. Refused settings raise LPOVerlError."""
     results = run_harness(verl_env, tmp_path, "all")
     for case in ("defaults", "micro", "shuffled", "rloo", "v1"):
         r = results[case]
