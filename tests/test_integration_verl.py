@@ -289,6 +289,10 @@ def test_real_verl_actor_update_single_process(verl_env, tmp_path):
     the default v1 trainer's path, and two optimizer steps per batch (checked step by step);
     the calls really held partial groups. Refused settings raise LPOVerlError."""
     results = run_harness(verl_env, tmp_path, "all")
+    readme = results["readme_config"]  # the README's command line is valid verl 0.9.1 config
+    assert readme["adv_estimator"] == "grpo" and readme["loss_mode"] == "lpo_fwd", readme
+    assert readme["loss_agg_mode"] == "seq-mean-token-mean", readme
+    assert readme["external_lib"] == "lpo_kernels.integrations.verl" and readme["options"], readme
     for case in ("defaults", "micro", "shuffled", "rloo", "v1"):
         r = results[case]
         assert r["rel_err"] < 1e-5, (case, r)

@@ -528,7 +528,8 @@ def run_all(args, rank, workdir):
     """Every single-process case in one process (verl's import costs ~10 s)."""
     import time
     out = {}
-    for name in ("defaults", "micro", "shuffled", "rloo", "v1", "two_steps", "error_split", "error_agg"):
+    for name in ("readme_config", "defaults", "micro", "shuffled", "rloo", "v1", "two_steps", "error_split",
+                 "error_agg"):
         start = time.perf_counter()
         out[name] = CASES[name](args, rank, os.path.join(workdir, name))
         out[name]["seconds"] = round(time.perf_counter() - start, 2)
@@ -650,6 +651,33 @@ def two_steps(args, rank, workdir):
 
 
 CASES["two_steps"] = two_steps
+
+
+
+def readme_config(args, rank, workdir):
+    """The README's verl command line composes with verl 0.9.1's hydra config and its actor
+    section validates as verl's FSDPActorConfig (nothing is launched)."""
+    import shlex
+
+    from hydra import compose, initialize_config_dir
+    import verl.trainer.config as config_pkg
+    from verl.utils.config import omega_conf_to_dataclass
+
+    text = open(os.path.join(REPO, "README.md")).read()
+    block = text[text.index("python3 -m verl.trainer.main_ppo"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    overrides = shlex.split(block)[3:]
+    with initialize_config_dir(config_dir=os.path.dirname(config_pkg.__file__), version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    from lpo_kernels.integrations.verl import parse_env_options
+    options = parse_env_options(cfg.ray_kwargs.ray_init.runtime_env.env_vars.LPO_VERL_OPTIONS)
+    return {"adv_estimator": cfg.algorithm.adv_estimator, "loss_mode": actor.policy_loss.loss_mode,
+            "loss_agg_mode": actor.loss_agg_mode, "external_lib": cfg.actor_rollout_ref.model.external_lib,
+            "options": options, "n_overrides": len(overrides)}
+
+
+CASES["readme_config"] = readme_config
 
 
 if __name__ == "__main__":
