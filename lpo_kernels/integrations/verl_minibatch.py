@@ -159,7 +159,13 @@ def build_plan(engine, data, options: dict, rollout_n) -> MiniBatchPlan:
     probe = data.copy()
     tu.assign_non_tensor(probe, calculate_entropy=False, calculate_sum_pi_squared=False)
     output = engine.infer_batch(probe, loss_function=None)
-    log_probs = no_padding_2_padding(output["model_output"]["log_probs"], data)
+    model_output = (output or {}).get("model_output", {}) if isinstance(output, dict) else {}
+    if "log_probs" not in model_output:
+        raise LPOVerlError(
+            f"the LPO pre-pass got no log-probs from verl's {type(engine).__name__}.infer_batch on this rank (a "
+            "pipeline-parallel stage other than the last?). The LPO losses are tested with "
+            "actor_rollout_ref.actor.strategy=fsdp/fsdp2; use one of those")
+    log_probs = no_padding_2_padding(model_output["log_probs"], data)
     fields = _padded(data, ["old_log_probs", "response_mask"])
     old, mask = fields["old_log_probs"], fields["response_mask"].bool()
     log_probs = log_probs[:, :old.shape[1]]
