@@ -45,13 +45,16 @@ import torch
 from torch import Tensor
 
 from . import reference
+from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 from .functional import listwise_forward_impl, resolve_backend
 from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_with_group_stats,
                           lpo_group_stats)
+from .logit_transform import check_logit_transform, softcap_grad_inplace, softcap_inplace
 from .inputs import (InputDTypeError, check_listwise_inputs, check_same_device, check_tensor,
                      resolve_validate)
+from .inputs import malformed_offsets, malformed_offsets_error
 from .ops.loss_head import row_kernels
-from .options import GRPOOptions, LPOOptions
+from .options import LPOOptions, check_divisor
 
 MODES = ("fast", "low_memory")
 DEFAULT_CHUNK_TOKENS = {"fast": 8192, "low_memory": 1024}
@@ -79,9 +82,12 @@ class _Head(NamedTuple):
     inv_temperature: float
     backend: str
     logp_dtype: torch.dtype
+    softcap: float | None = None  # logits f(u) = softcap*tanh(logit_scale*u/softcap) / T
+    logit_scale: float = 1.0      # (without a cap, folded into inv_temperature)
 
 
-def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) -> _Head:
+def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend,
+                softcap=None, logit_scale=1.0) -> _Head:
     check_tensor("hidden", hidden, floating=True, dim=2 if packed else 3)
     check_tensor("weight", weight, floating=True, dim=2)
     check_tensor("target_ids", target_ids, floating=False, dim=1 if packed else 2)
@@ -101,10 +107,8 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) 
         if bias.shape != weight.shape[:1] or bias.dtype != weight.dtype:
             raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {weight.dtype}, got "
                              f"{tuple(bias.shape)} {bias.dtype}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    temperature = check_divisor("temperature", temperature)  # 1/T finite in fp32 (issue 13.7)
+    softcap, logit_scale = check_logit_transform(softcap, logit_scale)
     check_same_device("hidden", hidden, weight=weight, target_ids=target_ids, bias=bias)
     backend = resolve_backend(backend, hidden.device, hidden.dtype)
     if hidden.dtype == torch.float64 and backend != "torch":
@@ -113,8 +117,9 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) 
     if not flat.is_contiguous():
         flat = flat.contiguous()
     return _Head(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
-                 target_ids.reshape(-1).long(), tuple(hidden.shape[:-1]), 1.0 / float(temperature),
-                 backend, reference.compute_dtype(hidden.dtype))
+                 target_ids.reshape(-1).long(), tuple(hidden.shape[:-1]),
+                 (1.0 if softcap is not None else logit_scale) / float(temperature),
+                 backend, reference.compute_dtype(hidden.dtype), softcap, logit_scale)
 
 
 def _check_targets_in_vocab(head: _Head, mask: Tensor | None, validate) -> None:
@@ -191,14 +196,27 @@ def _probe_fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> b
 
 
 def _chunk_logits(buffer: Tensor, head: _Head, rows, n: int) -> Tensor:
-    """One GEMM into the reused buffer: logits = h W^T (+ b) for the chunk's rows."""
+    """One GEMM into the reused buffer: logits = h W^T (+ b) for the chunk's rows, then
+    soft-capped in place when the head has a cap (``logit_transform.py``)."""
     logits = buffer[:n]
     h = head.hidden[rows]
     if head.bias is None:
         torch.mm(h, head.weight.t(), out=logits)
     else:
         torch.addmm(head.bias, h, head.weight.t(), out=logits)
+    if head.softcap is not None:
+        softcap_inplace(logits, head.softcap, head.logit_scale)
     return logits
+
+
+def _logits_grad(grad_inplace, logits: Tensor, head: _Head, targets, lse, grad_logp) -> None:
+    """Overwrite a chunk's (transformed) logits with d loss / d (h W^T + b): the row
+    kernel's softmax gradient, chained through the soft-cap when there is one."""
+    if head.softcap is None:
+        grad_inplace(logits, targets, lse, grad_logp, head.inv_temperature)
+    else:
+        softcap_grad_inplace(grad_inplace, logits, targets, lse, grad_logp, head.inv_temperature,
+                             head.softcap, head.logit_scale)
 
 
 def _new_buffer(head: _Head, rows: int) -> Tensor:
@@ -237,6 +255,9 @@ def _group_chunks(batch, token_shape, chunk_tokens: int, device) -> list[_Chunk]
         offsets = [i * token_shape[1] for i in range(n_seqs + 1)]
     else:
         offsets = batch.cu_seqlens.tolist()  # the one host sync of this plan
+        if offsets[0] != 0 or offsets[-1] != token_shape[0] or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise malformed_offsets_error(int(malformed_offsets(batch.cu_seqlens, token_shape[0])),
+                                          token_shape[0])  # on the host already: cheap to check
     slots = reference.group_slots(batch.group_ids, batch.group_size, n_seqs, device).tolist()
     members: dict[int, list[int]] = {}
     for seq, slot in enumerate(slots):
@@ -340,6 +361,20 @@ def _attach(loss, scale, grads: _Grads, hidden, weight, bias):
                                   hidden, weight, bias)
 
 
+def _check_token_grad_weights(weights, head: _Head, device) -> Tensor | None:
+    """``token_grad_weights`` broadcast to the token shape and flattened (None: all 1)."""
+    if weights is None:
+        return None
+    check_tensor("token_grad_weights", weights, floating=True)
+    check_same_device("hidden", head.hidden, token_grad_weights=weights)
+    try:
+        expanded = torch.broadcast_to(weights, head.token_shape)
+    except RuntimeError as error:
+        raise ValueError(f"token_grad_weights shape {tuple(weights.shape)} does not broadcast to the token "
+                         f"shape {head.token_shape}") from error
+    return expanded.reshape(-1).to(head.logp_dtype)
+
+
 def _needs_grad(*tensors):
     return [torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors]
 
@@ -349,7 +384,9 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                           advantages=None, *, bias=None, temperature=1.0, old_logp=None,
                           group_size=None, cu_seqlens=None, group_stats=None, mode="fast",
                           chunk_tokens=None, return_logp=False, return_entropy=False,
-                          backend="auto", grad_weight_fp32=True, validate=None, **lpo_options):
+                          backend="auto", grad_weight_fp32=True, validate=None, softcap=None,
+                          logit_scale=1.0, token_grad_weights=None, tp_group=None,
+                          vocab_start=None, **lpo_options):
     """LPO loss from hidden states and the LM head, without materialising the logits.
 
     Args:
@@ -363,6 +400,12 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
             :func:`lpo_kernels.lpo_loss` (``target``, ``divergence``, ``clip``, ...).
             ``reduction`` must be 'mean' or 'sum'.
         temperature: sampling temperature T: ``logp = log_softmax((h W^T + b)/T)[y]``.
+        softcap, logit_scale: logits ``softcap * tanh(logit_scale * (h W^T + b) / softcap) / T``
+            (Gemma-2 style cap; ``softcap=None``: ``logit_scale * (h W^T + b) / T``), the
+            order of TRL's fused LM head (``lpo_kernels/logit_transform.py``).
+        token_grad_weights: optional per-token factors on ``d loss / d logp`` (token shape, or
+            ``[B, 1]`` per sequence), e.g. importance weights of a sampler: the gradient of
+            token t is multiplied by its weight; loss value and stats are unchanged.
         group_stats: records of the *other* calls' sequences of split groups
             (:class:`LPOGroupStats`); the call then returns the whole-batch loss and this
             call's part of its gradient (see ``lpo_kernels/group_stats.py``).
@@ -370,6 +413,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
         chunk_tokens: tokens per chunk (fast: a target, rounded to whole groups, default
             8192; low_memory: default 1024).
         grad_weight_fp32: accumulate grad-weight in fp32 (default) or in weight's dtype.
+        tp_group, vocab_start: vocabulary-parallel head: ``weight``/``bias`` are this rank's
+            slice of the vocabulary (see ``lpo_kernels/tensor_parallel.py``).
 
     Returns ``(loss, stats)``, or ``(loss, stats, HeadOutputs(logp, entropy))`` when
     ``return_logp`` or ``return_entropy`` is set (detached, input token layout).
@@ -381,13 +426,18 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     if options.reduction == "none":
         raise ValueError("reduction='none' is not supported by the fused loss head (its "
                          "gradients are formed in the forward); use 'mean' or 'sum'")
-    head = _check_head(hidden, weight, target_ids, bias, temperature, cu_seqlens is not None, backend)
+    head = _check_head(hidden, weight, target_ids, bias, temperature, cu_seqlens is not None, backend,
+                       softcap, logit_scale)
     logp = torch.zeros(head.token_shape, dtype=head.logp_dtype, device=head.hidden.device)
     batch = check_listwise_inputs(logp, old_logp, mask, group_ids, rewards, advantages,
                                   options=options, cu_seqlens=cu_seqlens, group_size=group_size,
                                   validate=validate)
     check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, group_ids=group_ids)
-    _check_targets_in_vocab(head, mask, validate)
+    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
+    if shard is None:
+        _check_targets_in_vocab(head, mask, validate)
+    else:
+        shard.check_inputs(head, mask, validate)
     if group_stats is not None:
         others = check_group_stats(group_stats, hidden.device)
         if group_ids is None:
@@ -398,7 +448,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
             return listwise_forward_with_group_stats(b, o, others)
     else:
         step = listwise_forward_impl(head.backend)
-    row_stats, grad_inplace = row_kernels(head.backend)
+    row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
+    flat_weights = _check_token_grad_weights(token_grad_weights, head, hidden.device)
     needs = _needs_grad(hidden, weight, bias)
     entropy = torch.zeros_like(logp) if return_entropy else None
     flat_logp = logp.view(-1)
@@ -428,7 +479,9 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                     token_grad = chunk_result.token_grad.reshape(-1)
                     if chunk_result.grad_scale is not None:
                         token_grad = token_grad * chunk_result.grad_scale
-                    grad_inplace(logits, targets, lse, token_grad, head.inv_temperature)
+                    if flat_weights is not None:
+                        token_grad = token_grad * flat_weights[chunk.tokens]
+                    _logits_grad(grad_inplace, logits, head, targets, lse, token_grad)
                     grads.add_chunk(logits, head, chunk.tokens)
             result = step(batch, options)
         else:  # low_memory
@@ -445,10 +498,12 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
             result = step(batch, options)
             if want_grad:
                 token_grad = result.token_grad.reshape(-1)
+                if flat_weights is not None:
+                    token_grad = token_grad * flat_weights
                 for chunk in plan:
                     logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
-                    grad_inplace(logits, head.targets[chunk.tokens], lse_all[chunk.tokens],
-                                 token_grad[chunk.tokens], head.inv_temperature)
+                    _logits_grad(grad_inplace, logits, head, head.targets[chunk.tokens],
+                                 lse_all[chunk.tokens], token_grad[chunk.tokens])
                     grads.add_chunk(logits, head, chunk.tokens)
         if mode == "fast" and options.reduction == "mean":
             scale = 1.0 / result.stats.n_groups.clamp(min=1).to(result.loss.dtype)
@@ -457,6 +512,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
         else:
             scale = torch.ones((), dtype=result.loss.dtype, device=hidden.device)
         del buffer
+    hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
     loss = _attach(result.loss, scale, grads, hidden, weight, bias)
     if return_logp or return_entropy:
         return loss, result.stats, HeadOutputs(logp if return_logp else None, entropy)
@@ -466,26 +522,33 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
 class FusedLinearLPOLoss(torch.nn.Module):
     """Module form of :func:`fused_linear_lpo_loss`: options at construction
     (``mode``, ``chunk_tokens``, ``temperature``, ``group_size``, ``backend``,
-    ``grad_weight_fp32``, ``validate`` and the LPO options), tensors at call time."""
+    ``grad_weight_fp32``, ``validate``, ``tp_group``, ``vocab_start`` and the LPO
+    options), tensors at call time."""
 
     def __init__(self, *, mode="fast", chunk_tokens=None, temperature=1.0, group_size=None,
-                 backend="auto", grad_weight_fp32=True, validate=None, **lpo_options):
+                 backend="auto", grad_weight_fp32=True, validate=None, softcap=None, logit_scale=1.0,
+                 tp_group=None, vocab_start=None, **lpo_options):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         _check_chunk_tokens(chunk_tokens, mode)
         LPOOptions(**lpo_options)  # fail at construction on a bad option
+        check_logit_transform(softcap, logit_scale)
         self.head_options = dict(mode=mode, chunk_tokens=chunk_tokens, temperature=temperature,
                                  group_size=group_size, backend=backend,
-                                 grad_weight_fp32=grad_weight_fp32, validate=validate)
+                                 grad_weight_fp32=grad_weight_fp32, validate=validate,
+                                 softcap=softcap, logit_scale=logit_scale)
+        if tp_group is not None or vocab_start is not None:
+            self.head_options.update(tp_group=tp_group, vocab_start=vocab_start)
         self.lpo_options = dict(lpo_options)
 
     def forward(self, hidden, weight, target_ids, mask, group_ids, rewards=None, advantages=None,
                 *, bias=None, old_logp=None, cu_seqlens=None, group_stats=None,
-                return_logp=False, return_entropy=False):
+                return_logp=False, return_entropy=False, token_grad_weights=None):
         return fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards, advantages,
                                      bias=bias, old_logp=old_logp, cu_seqlens=cu_seqlens,
                                      group_stats=group_stats, return_logp=return_logp,
+                                     token_grad_weights=token_grad_weights,
                                      return_entropy=return_entropy, **self.head_options,
                                      **self.lpo_options)
 
@@ -500,8 +563,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, head: _Head, chunk_tokens: int, return_entropy: bool,
-                grad_weight_fp32: bool):
-        row_stats, _ = row_kernels(head.backend)
+                grad_weight_fp32: bool, shard=None):
+        row_stats, _ = tensor_parallel.row_kernels(head.backend, shard)
         n = head.hidden.shape[0]
         logp = torch.empty(n, dtype=head.logp_dtype, device=hidden.device)
         lse_all = torch.empty_like(logp)
@@ -515,6 +578,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             if return_entropy:
                 entropy[chunk.tokens] = ent
         ctx.head, ctx.chunk_tokens, ctx.grad_weight_fp32 = head, chunk_tokens, grad_weight_fp32
+        ctx.shard = shard
         ctx.save_for_backward(lse_all)
         logp = logp.view(head.token_shape)
         if return_entropy:
@@ -527,7 +591,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, *unused):
         (lse_all,) = ctx.saved_tensors
         head = ctx.head
-        _, grad_inplace = row_kernels(head.backend)
+        _, grad_inplace = tensor_parallel.row_kernels(head.backend, ctx.shard)
         needs = ctx.needs_input_grad[:3]
         grads = _Grads(head, needs[0], needs[1], needs[2], ctx.grad_weight_fp32)
         grad_flat = grad_logp.reshape(-1)
@@ -535,119 +599,61 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         buffer = _new_buffer(head, min(ctx.chunk_tokens, n))
         for chunk in _token_chunks(n, ctx.chunk_tokens):
             logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
-            grad_inplace(logits, head.targets[chunk.tokens], lse_all[chunk.tokens],
-                         grad_flat[chunk.tokens], head.inv_temperature)
+            _logits_grad(grad_inplace, logits, head, head.targets[chunk.tokens], lse_all[chunk.tokens],
+                         grad_flat[chunk.tokens])
             grads.add_chunk(logits, head, chunk.tokens)
         w_dtype = head.weight.dtype
         return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, -1),
                 None if grads.weight is None else grads.weight.to(w_dtype),
-                None if grads.bias is None else grads.bias.to(w_dtype), None, None, None, None)
+                None if grads.bias is None else grads.bias.to(w_dtype), None, None, None, None, None)
 
 
 def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=1.0,
                           return_entropy=False, chunk_tokens=None, backend="auto",
-                          grad_weight_fp32=True):
+                          grad_weight_fp32=True, softcap=None, logit_scale=1.0, tp_group=None,
+                          vocab_start=None):
     """``log_softmax((h W^T + b)/T)[target]`` per token without full logits.
 
     ``hidden`` ``[..., H]``, ``target_ids`` ``[...]``; returns logp ``[...]`` (fp32; fp64
     for fp64 inputs), differentiable w.r.t. hidden/weight/bias (backward recomputes the
     logits chunk by chunk), and with ``return_entropy`` also the tempered entropy
-    (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient."""
+    (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient.
+    ``softcap``/``logit_scale``: as :func:`fused_linear_lpo_loss`.
+    ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``)."""
     packed = hidden.dim() == 2
-    head = _check_head(hidden, weight, target_ids, bias, temperature, packed, backend) \
+    head = _check_head(hidden, weight, target_ids, bias, temperature, packed, backend, softcap, logit_scale) \
         if hidden.dim() in (2, 3) else None
     if head is None:
         raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "low_memory")
+    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
+    hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
     return _FusedLinearLogprobs.apply(hidden, weight, bias, head, chunk_tokens, return_entropy,
-                                      grad_weight_fp32)
+                                      grad_weight_fp32, shard)
 
 
 @torch.no_grad()
 def fused_linear_lpo_group_stats(hidden, weight, target_ids, mask, group_ids, rewards=None,
                                  advantages=None, *, bias=None, temperature=1.0, old_logp=None,
                                  cu_seqlens=None, target="grpo", seq_reduce="mean",
-                                 chunk_tokens=None, backend="auto", validate=None) -> LPOGroupStats:
+                                 chunk_tokens=None, backend="auto", validate=None, softcap=None,
+                                 logit_scale=1.0, tp_group=None, vocab_start=None) -> LPOGroupStats:
     """:func:`lpo_group_stats` from hidden states (one no-grad log-prob pass)."""
     logp = fused_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
-                                 chunk_tokens=chunk_tokens, backend=backend)
+                                 chunk_tokens=chunk_tokens, backend=backend, softcap=softcap,
+                                 logit_scale=logit_scale, tp_group=tp_group,
+                                 vocab_start=vocab_start)
     return lpo_group_stats(logp, old_logp, mask, group_ids, rewards, advantages,
                            cu_seqlens=cu_seqlens, target=target, seq_reduce=seq_reduce,
                            validate=validate)
 
 
-# --------------------------------------------------------------------------- GRPO
-def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
-                           temperature=1.0, old_logp=None, ref_logp=None, chunk_tokens=None,
-                           backend="auto", grad_weight_fp32=True, return_logp=False,
-                           loss_type="grpo", clip_eps_low=0.2, clip_eps_high=0.2, beta=0.0,
-                           max_completion_length=None):
-    """The GRPO baseline (``reference.grpo_forward``, TRL conventions) from padded hidden
-    states ``[B, T, H]``, one pass over chunks of whole rows (6·N·H·V).
+def __getattr__(name):  # the GRPO head moved to fused_grpo.py; old imports keep working
+    if name == "fused_linear_grpo_loss":
+        from .fused_grpo import fused_linear_grpo_loss
 
-    GRPO's per-token gradient depends on its own token only, up to the loss type's
-    normaliser: each chunk's gradient comes from ``grpo_forward`` on the chunk's rows,
-    rescaled from the chunk's normaliser to the batch's (rows for grpo/dr_grpo, counted
-    tokens for bnpo/dapo). Returns ``(loss, stats)`` (+ ``logp`` when asked)."""
-    options = GRPOOptions(loss_type=loss_type, clip_eps_low=clip_eps_low,
-                          clip_eps_high=clip_eps_high, beta=beta,
-                          max_completion_length=max_completion_length)
-    head = _check_head(hidden, weight, target_ids, bias, temperature, False, backend)
-    n_rows, seq_len = head.token_shape
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
-        if x is not None:
-            check_tensor(name, x, floating=None if name == "mask" else True)
-            if tuple(x.shape) != head.token_shape:
-                raise ValueError(f"{name} shape {tuple(x.shape)} != token shape {head.token_shape}")
-    check_tensor("advantages", advantages, dim=(1, 2))
-    if tuple(advantages.shape) not in ((n_rows,), head.token_shape):
-        raise ValueError(f"advantages must be [B] or [B, T] = {head.token_shape}, got {tuple(advantages.shape)}")
-    if options.beta > 0 and ref_logp is None:
-        raise ValueError("beta > 0 needs ref_logp")
-    check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
-                      advantages=advantages)
-    _check_targets_in_vocab(head, mask, None)
-    chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
-    rows_per_chunk = max(1, chunk_tokens // max(seq_len, 1))
-    row_stats, grad_inplace = row_kernels(head.backend)
-    needs = _needs_grad(hidden, weight, bias)
-    logp = torch.zeros(head.token_shape, dtype=head.logp_dtype, device=hidden.device)
-    counted = (torch.ones(head.token_shape, device=hidden.device) if mask is None
-               else (mask != 0).to(head.logp_dtype))
-    total_tokens = counted.sum().clamp(min=1)
-
-    def rows_of(x, a, b):
-        return None if x is None else x[a:b]
-
-    with torch.no_grad():
-        grads = _Grads(head, *needs, grad_weight_fp32=grad_weight_fp32)
-        buffer = _new_buffer(head, min(rows_per_chunk, n_rows) * seq_len)
-        for a in range(0, n_rows, rows_per_chunk):
-            b = min(a + rows_per_chunk, n_rows)
-            tokens = slice(a * seq_len, b * seq_len)
-            logits = _chunk_logits(buffer, head, tokens, (b - a) * seq_len)
-            targets = head.targets[tokens]
-            lse, lp, _ = row_stats(logits, targets, head.inv_temperature, False)
-            logp.view(-1)[tokens] = lp.to(logp.dtype)
-            if not any(needs):
-                continue
-            with torch.enable_grad():
-                leaf = lp.to(logp.dtype).view(b - a, seq_len).requires_grad_()
-                chunk_loss, _ = reference.grpo_forward(
-                    leaf, rows_of(old_logp, a, b), rows_of(mask, a, b), advantages[a:b],
-                    rows_of(ref_logp, a, b), options)
-                (token_grad,) = torch.autograd.grad(chunk_loss, leaf)
-            if options.loss_type in ("bnpo", "dapo"):
-                token_grad = token_grad * (counted[a:b].sum().clamp(min=1) / total_tokens)
-            else:  # grpo, dr_grpo: normalised by the number of rows
-                token_grad = token_grad * ((b - a) / n_rows)
-            grad_inplace(logits, targets, lse, token_grad.reshape(-1), head.inv_temperature)
-            grads.add_chunk(logits, head, tokens)
-        loss, stats = reference.grpo_forward(logp, old_logp, mask, advantages, ref_logp, options)
-        del buffer
-    scale = torch.ones((), dtype=loss.dtype, device=hidden.device)
-    loss = _attach(loss.detach(), scale, grads, hidden, weight, bias)
-    return (loss, stats, logp) if return_logp else (loss, stats)
+        return fused_linear_grpo_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["fused_linear_lpo_loss", "FusedLinearLPOLoss", "fused_linear_logprobs",

@@ -34,13 +34,20 @@ def make_tokenizer():
                                                 eos_token="<eos>", unk_token="<unk>")
 
 
-def make_model(seed=0):
+def make_model(seed=0, kind="llama"):
+    """A tiny random model: Llama (plain head), Gemma-2 (final_logit_softcapping, small so that
+    it bites), Cohere (logit_scale)."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
-        eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
-    return transformers.LlamaForCausalLM(config)
+    common = dict(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0,
+                  eos_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    if kind == "gemma2":
+        config = transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=1.5,
+                                           attn_logit_softcapping=None, sliding_window=16)
+        return transformers.Gemma2ForCausalLM(config)
+    if kind == "cohere":
+        return transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.4))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
 
 
 def toy_reward(completions, **kwargs):
@@ -48,18 +55,19 @@ def toy_reward(completions, **kwargs):
     return [float(text.count("w3")) + 0.1 * len(text.split()) for text in completions]
 
 
-def make_trainer(tmp_path, trainer_cls=LPOTrainer, config_cls=LPOConfig, **overrides):
+def make_trainer(tmp_path, trainer_cls=LPOTrainer, config_cls=LPOConfig, model_kind="llama", reward_funcs=None,
+                 **overrides):
     dataset = datasets.Dataset.from_dict({"prompt": [f"w{i} w{i + 1} w{i + 2}" for i in range(16)]})
     settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=2 * K, num_generations=K,
                     max_completion_length=6, max_steps=2, learning_rate=1e-2, logging_steps=1,
                     report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
                     temperature=1.3)
     settings.update(overrides)
-    model = make_model()
+    model = make_model(kind=model_kind)
     if settings.get("beta", 0.0) > 0:  # TRL builds the reference model from a path: a local one
         model.save_pretrained(tmp_path / "tiny-llama")
         model = str(tmp_path / "tiny-llama")
-    return trainer_cls(model=model, reward_funcs=toy_reward, args=config_cls(**settings),
+    return trainer_cls(model=model, reward_funcs=reward_funcs or toy_reward, args=config_cls(**settings),
                        train_dataset=dataset, processing_class=make_tokenizer())
 
 
@@ -99,7 +107,7 @@ def test_lpo_trainer_off_policy_with_kl_and_accumulation(tmp_path):
     trainer = make_trainer(tmp_path, per_device_train_batch_size=K, gradient_accumulation_steps=2,
                            steps_per_generation=4, beta=0.05, lpo_target="advantages",
                            lpo_clip="ppo", max_steps=3)
-    assert trainer.lpo_head == "trl"  # auto: the KL term needs differentiable log-probs
+    assert trainer.lpo_head == "lpo"  # the KL term takes its differentiable log-prob route
     logs = run_and_check(trainer)
     assert all(math.isfinite(entry["kl"]) and entry["kl"] >= 0 for entry in logs)
 
@@ -141,10 +149,16 @@ def test_group_shuffle_permutation_keeps_groups_together():
     assert sorted(runs.tolist()) == [0, 2, 5, 9]  # every group one contiguous run
 
 
-def test_loss_matches_lpo_loss_and_heads_agree(tmp_path):
+@pytest.mark.parametrize("model_kind", ["llama", "gemma2", "cohere"])
+def test_loss_matches_lpo_loss_and_heads_agree(tmp_path, model_kind):
     """One micro-batch: the trainer's loss and lm_head gradient equal lpo_loss (fp64) on
-    log-probs from the model's full tempered logits, for both heads."""
-    trainer = make_trainer(tmp_path, lpo_head="lpo", lpo_clip="none", lpo_divergence="js", bf16=False)
+    log-probs from the model's full tempered logits, for both heads. Gemma-2 soft-caps its
+    logits and Cohere scales them: the lpo head applies both (fused, no fallback)."""
+    trainer = make_trainer(tmp_path, lpo_head="auto", lpo_clip="none", lpo_divergence="js", bf16=False,
+                           model_kind=model_kind)
+    assert trainer.lpo_head == "lpo"
+    assert (trainer.lpo_softcap, trainer.lpo_logit_scale) == {"llama": (None, 1.0), "gemma2": (1.5, 1.0),
+                                                              "cohere": (None, 0.4)}[model_kind]
     trainer.model.train()
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     model = trainer.model
@@ -242,17 +256,18 @@ def test_bad_configs_raise(tmp_path):
         make_trainer(tmp_path, lpo_divergence="kl")
     with pytest.raises(ValueError, match="lpo_head"):
         make_trainer(tmp_path, lpo_head="liger")
-    with pytest.raises(ValueError, match="beta"):
-        make_trainer(tmp_path, lpo_head="lpo", beta=0.1)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        make_trainer(tmp_path, lpo_head="lpo", entropy_coef=0.01)
 
 
 def test_plain_grpo_config_with_lpo_options(tmp_path):
-    trainer = make_trainer(tmp_path, config_cls=trl.GRPOConfig, epsilon=0.1, epsilon_high=0.3)
+    trainer = make_trainer(tmp_path, config_cls=trl.GRPOConfig, epsilon=0.1, epsilon_high=0.3, loss_type="lpo",
+                           scale_rewards="none")
     assert trainer.lpo_options["divergence"] == "forward_kl"
     trainer = LPOTrainer(model=make_model(), reward_funcs=toy_reward, args=trainer.args,
                          train_dataset=trainer.train_dataset, processing_class=make_tokenizer(),
                          lpo_options={"divergence": "alpha", "alpha": 0.3, "target": "dr_grpo"})
-    assert trainer.lpo_options == dict(divergence="alpha", alpha=0.3, target="dr_grpo", tau=1.0, eps=1e-6,
+    assert trainer.lpo_options == dict(divergence="alpha", alpha=0.3, target="dr_grpo", tau=1.0, eps=1e-4,
                                        seq_reduce="mean", clip="clamp", clip_eps_low=0.1, clip_eps_high=0.3)
     with pytest.raises(ValueError, match="reduction"):
         lpo_options_from_args(trainer.args, {"reduction": "sum"})
@@ -337,3 +352,339 @@ def test_two_processes_groups_split_across_ranks(tmp_path):
         assert result["grad_err"] <= 1e-5 * result["grad_max"]
         assert len(result["losses"]) == 2 and all(math.isfinite(x) for x in result["losses"])
     assert results[0]["param_sum"] == results[1]["param_sum"]  # DDP kept the ranks in sync
+
+
+# --------------------------------------------------------------------------- TRL options
+# One test per row of the README's "TRL option -> what LPOTrainer does" table.
+from lpo_kernels.integrations.trl import check_trl_options, resolve_target  # noqa: E402
+
+
+def micro_batch(trainer, seed=3, near_policy=False):
+    """One generated micro-batch with off-policy old log-probs (the listwise distribution is
+    then not uniform). ``near_policy``: old = current + per-sequence offsets in [-0.4, 0.4]
+    + noise, so sequence ratios fall on both sides of the clip range."""
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    gen = torch.Generator().manual_seed(seed)
+    shape = inputs["completion_ids"].shape
+    if near_policy:
+        with torch.no_grad():
+            logp, _ = full_logits_logp(trainer, inputs)
+        offsets = torch.linspace(-0.4, 0.4, shape[0])[torch.randperm(shape[0], generator=gen)]
+        inputs["old_per_token_logps"] = (logp + offsets[:, None] + 0.05 * torch.randn(shape, generator=gen,
+                                                                                        dtype=torch.float64)).float()
+    else:
+        inputs["old_per_token_logps"] = -2.0 + 0.3 * torch.randn(shape, generator=gen)
+    trainer.current_gradient_accumulation_steps = 2
+    return inputs
+
+
+def full_logits_logp(trainer, inputs):
+    """fp64 log-probs and entropies of the completion tokens from the model's full logits
+    (soft-capped/scaled by the model itself), tempered as TRL does."""
+    completion_ids = inputs["completion_ids"]
+    input_ids = torch.cat([inputs["prompt_ids"], completion_ids], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    logits = trainer.model(input_ids=input_ids, attention_mask=attention).logits[:, -completion_ids.size(1) - 1:-1]
+    log_probs = torch.log_softmax(logits.double() / trainer.temperature, -1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1), entropy
+
+
+def weighted_reference(trainer, inputs, token_weights=None, options=None, extra_loss=None):
+    """Loss and lm_head gradient of the listwise loss on full-logit log-probs, each token's
+    gradient times ``token_weights(logp, entropy)`` (formed independently of the trainer:
+    grad-logp of the fp64 loss, weighted, back-propagated through the logits)."""
+    model = trainer.model
+    model.zero_grad()
+    logp, entropy = full_logits_logp(trainer, inputs)
+    leaf = logp.detach().requires_grad_()
+    loss, _ = lpo_loss(leaf, inputs["old_per_token_logps"].double(), inputs["completion_mask"],
+                       inputs["lpo_group_ids"], inputs["lpo_rewards"].double(), inputs["advantages"].double(),
+                       **(options or lpo_options_from_args(trainer.args)))
+    (grad_logp,) = torch.autograd.grad(loss, leaf)
+    if token_weights is not None:
+        grad_logp = grad_logp * token_weights(logp.detach(), entropy.detach())
+    total = (logp * grad_logp).sum()
+    value = loss.detach()
+    if extra_loss is not None:
+        extra = extra_loss(logp, entropy)
+        total, value = total + extra, value + extra.detach()
+    total.backward()
+    return value, model.lm_head.weight.grad.clone()
+
+
+def trainer_loss_and_grad(trainer, inputs, head):
+    trainer.lpo_head = head
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs) * 2  # / gradient-accumulation steps
+    loss.backward()
+    return loss.detach(), trainer.model.lm_head.weight.grad.clone()
+
+
+def assert_matches(actual, expected, name):
+    (loss, grad), (ref_loss, ref_grad) = actual, expected
+    assert_close(loss, ref_loss, atol=2e-5 * max(1.0, float(ref_loss.abs())), rtol=1e-5, name=f"{name} loss")
+    assert float(ref_grad.abs().max()) > 0
+    assert_close(grad, ref_grad, atol=2e-5 * float(ref_grad.abs().max()), rtol=1e-4, name=f"{name} grad")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+def test_row_loss_type_grpo_types_refused(tmp_path, loss_type):
+    with pytest.raises(ValueError, match="loss_type"):
+        make_trainer(tmp_path, loss_type=loss_type)
+    assert LPOConfig(output_dir=str(tmp_path), use_cpu=True).loss_type == "lpo"
+
+
+def test_row_delta_refused(tmp_path):
+    with pytest.raises(ValueError, match="delta"):
+        make_trainer(tmp_path, delta=1.5)
+
+
+def test_row_epsilon_is_the_clip_range(tmp_path):
+    trainer = make_trainer(tmp_path, epsilon=0.1, epsilon_high=0.3, lpo_clip="clamp", bf16=False)
+    assert (trainer.lpo_options["clip_eps_low"], trainer.lpo_options["clip_eps_high"]) == (0.1, 0.3)
+    inputs = micro_batch(trainer, near_policy=True)
+    expected = weighted_reference(trainer, inputs)
+    for head in ("lpo", "trl"):
+        assert_matches(trainer_loss_and_grad(trainer, inputs, head), expected, head)
+
+
+def test_row_importance_sampling_level_sequence_gates_responses(tmp_path):
+    trainer = make_trainer(tmp_path, importance_sampling_level="sequence", bf16=False)
+    inputs = micro_batch(trainer, near_policy=True)
+    mask = inputs["completion_mask"]
+    eps_low, eps_high = trainer.lpo_options["clip_eps_low"], trainer.lpo_options["clip_eps_high"]
+
+    def gate(logp, entropy):
+        seq = ((logp - inputs["old_per_token_logps"].double()) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        keep = (seq >= math.log(1 - eps_low)) & (seq <= math.log(1 + eps_high))
+        assert 0 < int(keep.sum()) < keep.numel()  # both gated and kept responses
+        return keep[:, None].double()
+
+    expected = weighted_reference(trainer, inputs, gate, options=dict(lpo_options_from_args(trainer.args), clip="none"))
+    for head in ("lpo", "trl"):
+        assert_matches(trainer_loss_and_grad(trainer, inputs, head), expected, head)
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        make_trainer(tmp_path, importance_sampling_level="sequence", lpo_clip="ppo")
+
+
+@pytest.mark.parametrize("shape", ["token", "sequence"])
+def test_row_vllm_importance_sampling_ratio_weights_token_gradients(tmp_path, shape):
+    """use_vllm + vllm_importance_sampling_correction: TRL's ratio (its mode and caps already
+    applied; token modes [B, T], sequence modes [B, 1], masked entries 0) multiplies each
+    token's gradient. vLLM is not installed here: the ratio is injected as TRL would."""
+    trainer = make_trainer(tmp_path, bf16=False)
+    inputs = micro_batch(trainer, near_policy=True)
+    gen = torch.Generator().manual_seed(7)
+    rows, cols = inputs["completion_ids"].shape
+    ratio = torch.rand(rows, cols if shape == "token" else 1, generator=gen) * 2.5
+    ratio[0] = 0.0  # a masked (out of [clip_min, clip_max]) ratio
+    inputs["importance_sampling_ratio"] = ratio
+    trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+    expected = weighted_reference(trainer, inputs, lambda logp, entropy: ratio.double())
+    for head in ("lpo", "trl"):
+        assert_matches(trainer_loss_and_grad(trainer, inputs, head), expected, head)
+
+
+def test_row_top_entropy_quantile_masks_token_gradients(tmp_path):
+    trainer = make_trainer(tmp_path, top_entropy_quantile=0.3, bf16=False)
+    inputs = micro_batch(trainer, near_policy=True)
+    mask = inputs["completion_mask"].bool()
+
+    def high_entropy(logp, entropy):
+        threshold = torch.quantile(entropy[mask], 0.7)
+        keep = (entropy >= threshold) & mask
+        assert 0 < int(keep.sum()) < int(mask.sum())
+        return keep.double()
+
+    expected = weighted_reference(trainer, inputs, high_entropy)
+    for head in ("lpo", "trl"):
+        assert_matches(trainer_loss_and_grad(trainer, inputs, head), expected, head)
+
+
+def test_row_off_policy_mask_threshold_masks_sequences(tmp_path):
+    trainer = make_trainer(tmp_path, bf16=False)
+    inputs = micro_batch(trainer, near_policy=True)
+    mask = inputs["completion_mask"]
+    with torch.no_grad():
+        logp, _ = full_logits_logp(trainer, inputs)
+    seq_kl = ((inputs["old_per_token_logps"].double() - logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    ordered = seq_kl.sort().values
+    threshold = float(ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2  # between two values
+    trainer.off_policy_mask_threshold = threshold
+    keep = (inputs["advantages"] >= 0) | (seq_kl <= threshold)
+    assert 0 < int(keep.sum()) < keep.numel()
+    expected = weighted_reference(trainer, inputs, lambda logp, entropy: keep[:, None].double())
+    for head in ("lpo", "trl"):
+        assert_matches(trainer_loss_and_grad(trainer, inputs, head), expected, head)
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_row_beta_and_use_bias_correction_kl(tmp_path, bias_correction):
+    """beta > 0: TRL's k3 KL (token mean per response, mean over responses), times the
+    differentiable ratio with use_bias_correction_kl; both heads (lpo: its log-prob route)."""
+    trainer = make_trainer(tmp_path, beta=0.2, use_bias_correction_kl=bias_correction, bf16=False)
+    inputs = micro_batch(trainer, near_policy=True)
+    mask = inputs["completion_mask"]
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        logp, _ = full_logits_logp(trainer, inputs)
+    inputs["ref_per_token_logps"] = (logp + 0.2 * torch.randn(logp.shape, generator=gen, dtype=torch.float64)).float()
+
+    def kl_term(logp, entropy):
+        ref = inputs["ref_per_token_logps"].double()
+        kl = torch.exp(ref - logp) - (ref - logp) - 1
+        if bias_correction:
+            kl = kl * torch.exp(logp - inputs["old_per_token_logps"].double())
+        return 0.2 * ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+    expected = weighted_reference(trainer, inputs, extra_loss=kl_term)
+    for head in ("lpo", "trl"):
+        assert_matches(trainer_loss_and_grad(trainer, inputs, head), expected, head)
+
+
+def test_row_entropy_coef_bonus(tmp_path):
+    trainer = make_trainer(tmp_path, entropy_coef=0.3, bf16=False)
+    assert trainer.lpo_head == "trl"  # auto: the bonus needs TRL's differentiable entropy
+    inputs = micro_batch(trainer, near_policy=True)
+    mask = inputs["completion_mask"]
+    expected = weighted_reference(
+        trainer, inputs, extra_loss=lambda logp, entropy: -0.3 * (entropy * mask).sum() / mask.sum())
+    assert_matches(trainer_loss_and_grad(trainer, inputs, "trl"), expected, "trl")
+
+
+def test_row_use_adaptive_entropy_updates_the_coefficient(tmp_path):
+    trainer = make_trainer(tmp_path, use_adaptive_entropy=True, entropy_coef=0.01, entropy_coef_delta=0.005,
+                           entropy_target=100.0)  # entropy below target: the coefficient grows each step
+    logs = run_and_check(trainer)
+    assert [round(entry["entropy_coef"], 6) for entry in logs] == [0.015, 0.02]
+    assert all(math.isfinite(entry["policy_loss"]) for entry in logs)
+
+
+def test_row_mask_truncated_completions_leave_the_simplex(tmp_path):
+    """TRL zeroes a truncated completion's mask; LPO then leaves it out of its group's simplex
+    (spec section 3): the loss equals lpo_loss on the other rows alone."""
+    trainer = make_trainer(tmp_path, mask_truncated_completions=True, bf16=False)
+    inputs = micro_batch(trainer, near_policy=True)
+    inputs["completion_mask"] = inputs["completion_mask"].clone()
+    inputs["completion_mask"][[0, K + 1]] = 0  # as TRL writes for truncated rows
+    keep = inputs["completion_mask"].sum(-1) > 0
+    with torch.no_grad():
+        logp, _ = full_logits_logp(trainer, inputs)
+        expected, _ = lpo_loss(logp[keep], inputs["old_per_token_logps"][keep].double(),
+                               inputs["completion_mask"][keep], inputs["lpo_group_ids"][keep],
+                               inputs["lpo_rewards"][keep].double(), **lpo_options_from_args(trainer.args))
+    for head in ("lpo", "trl"):
+        trainer.lpo_head = head
+        with torch.no_grad():
+            loss = trainer.compute_loss(trainer.model, inputs) * 2
+        assert_close(loss, expected, atol=1e-5, rtol=1e-5, name=head)
+    trainer = make_trainer(tmp_path, mask_truncated_completions=True, max_completion_length=3)
+    trainer.train()  # a random model rarely stops within 3 tokens: most responses leave their simplex
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all(math.isfinite(entry["loss"]) and entry["lpo/n_groups"] <= 2 for entry in logs)
+
+
+@pytest.mark.parametrize("scale_rewards,target", [("group", "grpo"), ("none", "dr_grpo")])
+def test_row_scale_rewards_picks_the_target_equal_to_trl_advantages(tmp_path, scale_rewards, target):
+    trainer = make_trainer(tmp_path, scale_rewards=scale_rewards, bf16=False)
+    assert trainer.lpo_options["target"] == target
+    inputs = micro_batch(trainer, near_policy=True)
+    with torch.no_grad():
+        logp, _ = full_logits_logp(trainer, inputs)
+    args = (logp, inputs["old_per_token_logps"].double(), inputs["completion_mask"], inputs["lpo_group_ids"])
+    options = lpo_options_from_args(trainer.args)
+    from_rewards, _ = lpo_loss(*args, inputs["lpo_rewards"].double(), **options)
+    from_advantages, _ = lpo_loss(*args, None, inputs["advantages"].double(), **dict(options, target="advantages"))
+    assert_close(from_rewards, from_advantages, atol=1e-6, rtol=1e-6, name="target")
+
+
+def test_row_scale_rewards_and_multi_objective_aggregation_consistency(tmp_path):
+    args = lambda **kw: trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True, **kw)  # noqa: E731
+    assert resolve_target("auto", args(scale_rewards="batch")) == "advantages"
+    assert resolve_target("auto", args(multi_objective_aggregation="normalize_then_sum")) == "advantages"
+    assert resolve_target("rloo", args(scale_rewards="none")) == "rloo"
+    assert resolve_target("advantages", args(scale_rewards="batch")) == "advantages"
+    with pytest.raises(ValueError, match="scale_rewards"):
+        resolve_target("grpo", args(scale_rewards="none"))
+    with pytest.raises(ValueError, match="scale_rewards"):
+        resolve_target("rloo", args(scale_rewards="group"))
+    with pytest.raises(ValueError, match="multi_objective_aggregation"):
+        resolve_target("grpo", args(multi_objective_aggregation="normalize_then_sum"))
+
+
+def test_row_reward_weights_sum_into_lpo_rewards(tmp_path):
+    def length_reward(completions, **kwargs):
+        return [float(len(text.split())) for text in completions]
+
+    trainer = make_trainer(tmp_path, reward_funcs=[toy_reward, length_reward], reward_weights=[2.0, -0.5])
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    texts = trainer.processing_class.batch_decode(inputs["completion_ids"] * inputs["completion_mask"],
+                                                  skip_special_tokens=True)
+    expected = 2.0 * torch.tensor(toy_reward(texts)) - 0.5 * torch.tensor(length_reward(texts))
+    assert_close(inputs["lpo_rewards"], expected, atol=1e-5, rtol=0, name="rewards")
+
+
+def test_row_num_iterations_reuses_generations_off_policy(tmp_path):
+    """num_iterations=2: TRL reuses each generation twice and records old log-probs; the
+    second pass is off-policy (P not uniform, divergence moves)."""
+    trainer = make_trainer(tmp_path, num_iterations=2, max_steps=2)
+    logs = run_and_check(trainer)
+    assert logs[0]["lpo/divergence"] != logs[1]["lpo/divergence"]
+
+
+def test_row_cast_lm_head_to_fp32(tmp_path):
+    trainer = make_trainer(tmp_path, cast_lm_head_to_fp32=True, bf16=False)
+    assert trainer.model.lm_head.weight.dtype == torch.float32
+    inputs = micro_batch(trainer, near_policy=True)
+    expected = weighted_reference(trainer, inputs)
+    assert_matches(trainer_loss_and_grad(trainer, inputs, "lpo"), expected, "lpo")
+
+
+def test_row_router_aux_loss_needs_the_trl_head(tmp_path):
+    """MoE aux loss (router_aux_loss_coef): TRL's head adds it; the lpo head refuses."""
+    config = transformers.MixtralConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64,
+                                        pad_token_id=0, eos_token_id=1, bos_token_id=None,
+                                        output_router_logits=True, router_aux_loss_coef=0.01)
+    dataset = datasets.Dataset.from_dict({"prompt": ["w1 w2 w3"] * 8})
+    args = LPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=K, num_generations=K, use_cpu=True,
+                     report_to=[], max_completion_length=4, lpo_head="lpo")
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        LPOTrainer(model=transformers.MixtralForCausalLM(config), reward_funcs=toy_reward, args=args,
+                   train_dataset=dataset, processing_class=make_tokenizer())
+    args.lpo_head = "auto"
+    trainer = LPOTrainer(model=transformers.MixtralForCausalLM(config), reward_funcs=toy_reward, args=args,
+                         train_dataset=dataset, processing_class=make_tokenizer())
+    assert trainer.lpo_head == "trl" and trainer.aux_loss_enabled
+
+
+def test_row_use_liger_kernel_is_not_a_loss_option(tmp_path):
+    """TRL 1.16 applies only Liger's layer kernels (the model's forward); the loss is LPO's."""
+    check_trl_options(LPOConfig(output_dir=str(tmp_path), use_cpu=True, use_liger_kernel=True))
+
+
+@pytest.mark.parametrize("head", ["lpo", "trl"])
+def test_entropy_is_zero_where_the_label_is_masked(tmp_path, head):
+    """TRL writes entropy 0 at positions labelled -100 (completion padding); so does LPOTrainer
+    in what it logs and uses (the high-entropy mask, the entropy bonus)."""
+    trainer = make_trainer(tmp_path, lpo_head=head, bf16=False)
+    inputs = micro_batch(trainer)
+    inputs["completion_mask"] = inputs["completion_mask"].clone()
+    inputs["completion_mask"][::3, 4:] = 0  # completion padding after an early EOS
+    seen = {}
+    original = trainer._log_lpo_metrics
+
+    def capture(mode, stats, entropies, *args):
+        seen["entropies"] = entropies.detach()
+        return original(mode, stats, entropies, *args)
+
+    trainer._log_lpo_metrics = capture
+    padding = inputs["completion_mask"] == 0
+    assert padding.any()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, inputs)
+    assert torch.all(seen["entropies"][padding] == 0) and torch.all(seen["entropies"][~padding] > 0)

@@ -17,17 +17,24 @@ What it changes in TRL's GRPO pipeline (TRL >= 1.x; checked against trl 1.16):
    is the mean over all groups of the optimizer step). Two heads give the per-token log-probs:
    ``lpo_head="lpo"`` runs the backbone, takes its last hidden state and ``lm_head`` (ZeRO-3
    gathered, routed through the wrapped model's forward like TRL's former Liger path) and calls
-   the fused LPO head; ``lpo_head="trl"`` uses TRL's own chunked log-prob head (needed for models
-   with logit soft-capping/scaling, MoE aux losses, images, or ``beta > 0``, whose KL term
-   needs differentiable log-probs). ``"auto"``: ``"lpo"`` where it applies.
+   the fused LPO head with the model's logit soft-capping/scaling (``lm_head_transform``): one
+   fused pass, or, when token gradient weights or ``beta > 0`` need the log-probs first,
+   ``fused_linear_logprobs`` + ``lpo_loss``. ``lpo_head="trl"`` uses TRL's own chunked log-prob
+   head (needed for MoE aux losses, images, and the entropy bonus, whose entropy must be
+   differentiable). ``"auto"``: ``"lpo"`` where it applies.
 4. **Metrics**: TRL's ``entropy``, ``kl`` (when ``beta > 0``), ``clip_ratio/low_mean``,
    ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` plus ``lpo/divergence``,
    ``lpo/listwise_entropy``, ``lpo/target_entropy``, ``lpo/mean_abs_coef``, ``lpo/n_groups``.
 
-TRL's ``loss_type``, ``importance_sampling_level`` and ``delta`` have no meaning for LPO and are
-ignored, as is vLLM's importance-sampling correction; the clip range is TRL's ``epsilon`` /
-``epsilon_high``. ``top_entropy_quantile``, ``off_policy_mask_threshold`` and the entropy bonus
-are refused.
+Every TRL 1.16 ``GRPOConfig`` option that changes the loss is honoured with an LPO meaning or
+refused with an error naming it (``check_trl_options``; the table is in the README, TRL
+section). Options that act on single tokens or sequences after the policy's log-probs exist
+(vLLM importance-sampling ratios, ``top_entropy_quantile``, ``off_policy_mask_threshold``,
+``importance_sampling_level="sequence"``) become **token gradient weights**: each token's
+gradient ``d loss / d logp[k,t]`` is multiplied by its weight while the listwise scores, the
+target and the loss value stay those of the whole responses (``weight_token_grads``). LPO's
+mask is not used for this: a non-binary mask re-weights the *score* too and is divided out of
+the gradient by ``N_k = sum m`` (a per-sequence IS ratio would cancel exactly).
 
 Groups split across micro-batches (``lpo_groups="stats"``, automatic when
 ``per_device_train_batch_size`` is not a multiple of ``num_generations``): at the first
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +66,11 @@ from ..reference import naive_linear_logprobs
 
 HEADS = ("auto", "lpo", "trl")
 GROUP_MODES = ("auto", "whole", "stats")
+LOSS_TYPE = "lpo"  # LPOConfig's loss_type: TRL's GRPO loss types are refused
+# scale_rewards -> the LPO target whose logits are TRL's advantages for that scaling
+_TARGET_OF_SCALING = {"group": "grpo", "none": "dr_grpo", "batch": "advantages"}
+# reward-based targets -> the scale_rewards they imply (their own normalisation)
+_SCALING_OF_TARGET = {"grpo": "group", "dr_grpo": "none", "rloo": "none", "maxrl": "none", "softmax": "none"}
 
 # LPOOptions fields set from LPOConfig's lpo_* fields (clip eps come from TRL's epsilon).
 _LPO_FIELDS = ("target", "divergence", "alpha", "tau", "eps", "seq_reduce", "clip")
@@ -68,14 +81,18 @@ class LPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the LPO options (see ../shared/docs/lpo-math.md).
 
     ``lpo_target="advantages"`` uses TRL's own advantages as target logits (``A / lpo_tau``);
-    the other targets are computed from the rewards. The clip range is ``epsilon`` /
-    ``epsilon_high``."""
+    the other targets are computed from the rewards; ``"auto"`` picks the target that equals
+    TRL's advantages for ``scale_rewards`` (group: ``grpo``, none: ``dr_grpo``, batch or
+    ``multi_objective_aggregation="normalize_then_sum"``: ``advantages``). The clip range is
+    ``epsilon`` / ``epsilon_high``; ``loss_type`` is ``"lpo"``."""
 
-    lpo_target: str = field(default="grpo", metadata={"help": "LPO target: grpo, dr_grpo, rloo, maxrl, softmax, advantages"})
+    loss_type: str = field(default=LOSS_TYPE, metadata={"help": "'lpo' (TRL's GRPO loss types are refused)"})
+    lpo_target: str = field(default="auto", metadata={"help": "LPO target: auto (from scale_rewards), grpo, dr_grpo, "
+                                                      "rloo, maxrl, softmax, advantages"})
     lpo_divergence: str = field(default="forward_kl", metadata={"help": "forward_kl, reverse_kl, alpha, js"})
     lpo_alpha: float = field(default=0.5, metadata={"help": "alpha of the alpha-divergence"})
     lpo_tau: float = field(default=1.0, metadata={"help": "target temperature (softmax/advantages targets)"})
-    lpo_eps: float = field(default=1e-6, metadata={"help": "std epsilon of the grpo/maxrl targets"})
+    lpo_eps: float = field(default=1e-4, metadata={"help": "std epsilon of the grpo/maxrl targets (TRL's 1e-4)"})
     lpo_seq_reduce: str = field(default="mean", metadata={"help": "sequence score: mean or sum of token log-ratios"})
     lpo_clip: str = field(default="clamp", metadata={"help": "clamp, ppo or none"})
     lpo_head: str = field(default="auto", metadata={"help": "auto, lpo (fused head from hidden states) or trl"})
@@ -95,8 +112,50 @@ def lpo_options_from_args(args, overrides: dict | None = None) -> dict:
     if "reduction" in overrides:
         raise ValueError("lpo_options: 'reduction' is fixed by the trainer (mean over groups)")
     options.update(overrides)
+    options["target"] = resolve_target(options["target"], args)
     LPOOptions(**options)  # raises ValueError/TypeError naming a bad option
     return options
+
+
+def resolve_target(target: str, args) -> str:
+    """The LPO target for TRL's ``scale_rewards`` / ``multi_objective_aggregation``: ``"auto"``
+    picks the target equal to TRL's advantages; an explicit reward-based target must agree
+    with them (else ValueError naming the TRL option)."""
+    scaling = getattr(args, "scale_rewards", "group")
+    scaling = {True: "group", False: "none"}.get(scaling, scaling)
+    aggregation = getattr(args, "multi_objective_aggregation", "sum_then_normalize")
+    if target == "auto":
+        return "advantages" if aggregation == "normalize_then_sum" else _TARGET_OF_SCALING.get(scaling, "advantages")
+    if target in _SCALING_OF_TARGET:
+        if aggregation != "sum_then_normalize":
+            raise ValueError(f"multi_objective_aggregation={aggregation!r} normalises each reward function before "
+                             f"summing; lpo_target={target!r} is computed from the summed rewards. Use "
+                             "lpo_target='advantages' (TRL's advantages) or 'auto'")
+        if scaling != _SCALING_OF_TARGET[target]:
+            raise ValueError(f"scale_rewards={scaling!r} disagrees with lpo_target={target!r}, which scales the "
+                             f"rewards its own way (scale_rewards={_SCALING_OF_TARGET[target]!r}); set that, or "
+                             "lpo_target='auto' / 'advantages'")
+    return target
+
+
+def check_trl_options(args, lpo_options: dict | None = None) -> None:
+    """Refuse, with a ValueError naming it, every TRL option that changes the GRPO loss and has
+    no LPO meaning (the honoured ones are read where they act). Pure: tested without a run."""
+    if args.loss_type != LOSS_TYPE:
+        raise ValueError(f"loss_type={args.loss_type!r} is a GRPO token loss; LPOTrainer's loss is LPO's listwise "
+                         f"divergence: set loss_type={LOSS_TYPE!r} (LPOConfig's default; the token weighting "
+                         "inside a response is lpo_seq_reduce)")
+    if args.delta is not None:
+        raise ValueError("delta (TRL's two-sided clip of negative-advantage ratios) has no LPO counterpart: "
+                         "lpo_clip='clamp' bounds every token's ratio to [1-epsilon, 1+epsilon_high] on both "
+                         "sides already; leave delta=None")
+    if args.importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got "
+                         f"{args.importance_sampling_level!r}")
+    clip = (lpo_options or {}).get("clip", getattr(args, "lpo_clip", "clamp"))
+    if args.importance_sampling_level == "sequence" and clip == "ppo":
+        raise ValueError("importance_sampling_level='sequence' gates whole responses on their sequence ratio "
+                         "(lpo_clip='clamp') or not at all ('none'); lpo_clip='ppo' is token-level")
 
 
 def group_shuffle_permutation(group_ids: torch.Tensor) -> torch.Tensor:
@@ -154,17 +213,37 @@ def _fused_linear_lpo_loss():
     return fused_linear_lpo_loss
 
 
-def plain_lm_head(config) -> bool:
-    """True when logits are exactly ``lm_head(h)`` (no soft-capping or logit scaling, which
-    TRL's head handles and the LPO head does not)."""
+def lm_head_transform(config) -> tuple[float | None, float]:
+    """``(softcap, logit_scale)`` of a transformers model's logits, read from its config by
+    the rules of TRL 1.16's ``add_fused_lm_head`` (``final_logit_softcapping``; the scale from
+    ``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, or ``1/logits_scaling``
+    except HyperCLOVA X, which multiplies). The fused heads apply them in TRL's order."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text_config, "final_logit_softcapping", None) is not None:
-        return False
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        value = getattr(text_config, name, None)
-        if value is not None and value != 1.0:
-            return False
-    return True
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if getattr(text_config, "model_type", None) == "hyperclovax" else 1.0 / scaling
+    return (None if softcap is None else float(softcap)), (1.0 if scale is None else float(scale))
+
+
+def plain_lm_head(config) -> bool:
+    """True when logits are exactly ``lm_head(h)`` (no soft-capping or logit scaling)."""
+    return lm_head_transform(config) == (None, 1.0)
+
+
+def weight_token_grads(logp: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``logp`` with the same values whose gradient is multiplied by ``weights`` (broadcast):
+    per-token importance weights / gates on LPO's token gradient that leave the listwise
+    scores, the target and the loss value unchanged."""
+    if weights is None:
+        return logp
+    detached = logp.detach()
+    return detached + (logp - detached) * weights.to(logp.dtype)
 
 
 class LPOTrainer(GRPOTrainer):
@@ -175,13 +254,11 @@ class LPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         config = self.args
         self.lpo_options = lpo_options_from_args(config, lpo_options)
+        check_trl_options(config, self.lpo_options)
         self.lpo_backend = getattr(config, "lpo_backend", "auto")
         self.lpo_groups = self._resolve_group_mode(getattr(config, "lpo_groups", "auto"))
-        if (getattr(self, "top_entropy_quantile", 1.0) < 1.0
-                or getattr(self, "off_policy_mask_threshold", None) is not None):
-            raise ValueError("LPOTrainer does not support top_entropy_quantile < 1 or off_policy_mask_threshold")
-        if getattr(self, "_entropy_bonus_enabled", False):
-            raise ValueError("LPOTrainer does not support the entropy bonus (entropy_coef / adaptive entropy)")
+        model = self.accelerator.unwrap_model(self.model)
+        self.lpo_softcap, self.lpo_logit_scale = lm_head_transform(model.config)
         self.lpo_head = self._resolve_head(getattr(config, "lpo_head", "auto"))
         self._lpo_rewards_per_func = None
         self._lpo_window_others = None  # stats mode: per micro-batch of the window, the others' records
@@ -208,15 +285,30 @@ class LPOTrainer(GRPOTrainer):
     def _resolve_head(self, head: str) -> str:
         if head not in HEADS:
             raise ValueError(f"lpo_head must be one of {HEADS}, got {head!r}")
-        model = self.accelerator.unwrap_model(self.model)
-        fits = plain_lm_head(model.config) and not getattr(self, "aux_loss_enabled", False) and self.beta == 0.0
-        if head == "lpo" and not fits:
-            raise ValueError("lpo_head='lpo' needs a plain lm_head (no logit soft-capping/scaling), no "
-                             "MoE aux loss and beta=0 (the KL term needs differentiable log-probs); "
-                             "use lpo_head='trl'")
+        aux = getattr(self, "aux_loss_enabled", False)
+        bonus = getattr(self, "_entropy_bonus_enabled", False)
+        if head == "lpo" and (aux or bonus):
+            raise ValueError("lpo_head='lpo' has no MoE aux loss (router_aux_loss_coef) and no differentiable "
+                             "entropy (entropy_coef / use_adaptive_entropy); use lpo_head='trl'")
         if head == "auto":
-            head = "lpo" if fits and _fused_linear_lpo_loss() is not None else "trl"
+            head = "lpo" if not (aux or bonus) and _fused_linear_lpo_loss() is not None else "trl"
         return head
+
+    def _lpo_weights_need_logp(self) -> bool:
+        """Whether token gradient weights depend on the current log-probs or entropies (the lpo
+        head then takes its log-prob route instead of the one-pass fused loss)."""
+        return (self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
+                or self._lpo_sequence_gate())
+
+    def _lpo_is_ratio(self, inputs):
+        """TRL's vLLM importance-sampling ratio pi_old / pi_sampler (its mode, caps and masking
+        already applied; [B, T] token modes, [B, 1] sequence modes), or None when off."""
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            return inputs["importance_sampling_ratio"]
+        return None
+
+    def _lpo_sequence_gate(self) -> bool:
+        return self.importance_sampling_level == "sequence" and self.lpo_options["clip"] == "clamp"
 
     # -- 1. rewards and group ids travel with the batch -------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -331,23 +423,33 @@ class LPOTrainer(GRPOTrainer):
         return advantages[:, 0] if advantages.dim() == 2 else advantages  # LPO: one per sequence
 
     def _compute_lpo_loss(self, model, inputs):
+        completion_mask = inputs["completion_mask"]
         mask = self._lpo_mask(inputs)
         advantages = self._lpo_advantages(inputs)
         old_logp = inputs.get("old_per_token_logps")  # None: on-policy
         group_ids, rewards = inputs["lpo_group_ids"], inputs["lpo_rewards"]
         others = inputs.get("lpo_group_stats")  # stats mode: the step's other sequences
-
-        aux_loss = None
-        if self.lpo_head == "lpo":
-            loss, stats, logp, entropies = self._lpo_head_loss(model, inputs, mask, advantages, old_logp, others)
-        else:
-            input_ids, attention_mask, logits_to_keep = self._lpo_model_inputs(inputs)
-            logp, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
-                compute_aux_loss=getattr(self, "aux_loss_enabled", False), **self._multimodal_inputs(inputs))
-            loss, stats = self._lpo_loss_from_logps(logp, old_logp, mask, group_ids, rewards, advantages, others)
-
         mode = "train" if self.model.training else "eval"
+
+        aux_loss, entropy_mask, sequence_clip = None, None, None
+        if self.lpo_head == "lpo" and not self._lpo_weights_need_logp() and self.beta == 0.0:
+            loss, stats, entropies = self._lpo_head_loss(model, inputs, mask, advantages, old_logp, others)
+            logp = None
+        else:
+            if self.lpo_head == "lpo":  # log-prob route: differentiable log-probs, then the listwise loss
+                logp, entropies = self._lpo_head_logps(model, inputs, return_entropy=True)
+            else:
+                input_ids, attention_mask, logits_to_keep = self._lpo_model_inputs(inputs)
+                logp, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, compute_entropy=True,
+                    compute_aux_loss=getattr(self, "aux_loss_enabled", False), **self._multimodal_inputs(inputs))
+            entropies = entropies * completion_mask  # TRL: positions labelled -100 have entropy 0
+            weights, entropy_mask, sequence_clip = self._lpo_token_weights(inputs, logp, entropies, mask,
+                                                                           advantages, old_logp)
+            options = dict(self.lpo_options, clip="none") if sequence_clip is not None else self.lpo_options
+            loss, stats = self._lpo_loss_from_logps(weight_token_grads(logp, weights), old_logp, mask, group_ids,
+                                                    rewards, advantages, others, options)
+
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         if others is None:  # the mean over this micro-batch's groups
             loss = loss / normalizer
@@ -356,27 +458,95 @@ class LPOTrainer(GRPOTrainer):
             # The gradient is this micro-batch's share of the whole step's gradient; DDP averages
             # over processes, hence the factor.
             loss = loss.detach() / normalizer + (loss - loss.detach()) * self.accelerator.num_processes
+        policy_loss = loss.detach() * normalizer
         per_token_kl = None
         if self.beta != 0.0:  # GRPO's k3 KL to the reference, token mean per sequence, mean over sequences
             ref_logp = inputs["ref_per_token_logps"]
             per_token_kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+            if self.args.use_bias_correction_kl:  # TRL: times the (differentiable) importance ratio
+                per_token_kl = per_token_kl * torch.exp(self._lpo_log_ratio(logp, old_logp, mask))
             seq_kl = (per_token_kl * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
             loss = loss + self.beta * seq_kl.mean() / normalizer
+        if getattr(self, "_entropy_bonus_enabled", False):
+            loss = loss - self._lpo_entropy_bonus(mode, entropies, mask, entropy_mask, policy_loss)
         if aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
-        self._log_lpo_metrics(mode, stats, entropies, mask, per_token_kl)
+        self._log_lpo_metrics(mode, stats, entropies, mask, per_token_kl, sequence_clip)
         return loss
 
-    def _lpo_loss_from_logps(self, logp, old_logp, mask, group_ids, rewards, advantages, others):
+    def _lpo_log_ratio(self, logp, old_logp, mask):
+        """TRL's log importance weight: per token, or the masked mean per sequence ([B, 1])."""
+        log_ratio = logp - (logp.detach() if old_logp is None else old_logp)
+        if self.importance_sampling_level == "sequence":
+            return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        return log_ratio
+
+    def _lpo_token_weights(self, inputs, logp, entropies, mask, advantages, old_logp):
+        """Token gradient weights ([B, T] or [B, 1], None: all 1) from TRL's per-token options,
+        the high-entropy mask, and (sequence level) the clip of each response's sequence ratio."""
+        weights, entropy_mask, sequence_clip = None, None, None
+
+        def times(w):
+            nonlocal weights
+            w = w.to(logp.dtype)
+            weights = w if weights is None else weights * w
+
+        if self._lpo_is_ratio(inputs) is not None:
+            times(self._lpo_is_ratio(inputs))
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(entropies.detach(), mask, 1 - self.top_entropy_quantile)
+            times(entropy_mask)
+        if self.off_policy_mask_threshold is not None:
+            old = logp.detach() if old_logp is None else old_logp
+            times(self.get_off_policy_mask(advantages.unsqueeze(1), logp, inputs.get("sampling_per_token_logps", old),
+                                           mask, self.off_policy_mask_threshold))
+        if self._lpo_sequence_gate():
+            seq_log_ratio = self._lpo_log_ratio(logp.detach(), old_logp, mask)
+            low = seq_log_ratio < math.log1p(-self.lpo_options["clip_eps_low"])
+            high = seq_log_ratio > math.log1p(self.lpo_options["clip_eps_high"])
+            sequence_clip = (low, high)
+            times(~(low | high))
+        return weights, entropy_mask, sequence_clip
+
+    def _lpo_entropy_bonus(self, mode, entropies, mask, entropy_mask, policy_loss):
+        """TRL's entropy bonus ``coef * mean entropy`` over the tokens the policy loss acts on,
+        with its static or adaptive (Skywork-OR1) coefficient; needs TRL's differentiable entropy."""
+        effective = mask if entropy_mask is None else mask * entropy_mask
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        entropy_term = (entropies * effective).sum() / effective.sum().clamp(min=1.0) / accumulation
+        if self.use_adaptive_entropy:
+            coef = self.entropy_coef if self._last_world_entropy <= self.args.entropy_target else 0.0
+        else:
+            coef = self.entropy_coef
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":  # window-global entropy -> next step's coefficient
+            window = torch.stack([(entropies * effective).sum(), effective.sum()]).detach()
+            self._entropy_window_stats = window if self._entropy_window_stats is None else self._entropy_window_stats + window
+            if self.accelerator.sync_gradients:
+                totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                step = self.args.entropy_coef_delta
+                if world_entropy <= self.args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + step, self.args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - step, self.args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return coef * entropy_term
+
+    def _lpo_loss_from_logps(self, logp, old_logp, mask, group_ids, rewards, advantages, others, options=None):
+        options = self.lpo_options if options is None else options
         if others is None:
             return lpo_loss(logp, old_logp, mask, group_ids, rewards, advantages, backend=self.lpo_backend,
-                            **self.lpo_options)
+                            **options)
         from ..group_stats import lpo_loss_with_group_stats
 
         return lpo_loss_with_group_stats(logp, old_logp, mask, group_ids, rewards, advantages,
-                                         group_stats=others, **self.lpo_options)
+                                         group_stats=others, **options)
 
     def _lpo_head_inputs(self, model, batch):
         """Backbone last hidden states of the completion-predicting positions, and the head's
@@ -391,39 +561,43 @@ class LPOTrainer(GRPOTrainer):
         weight, bias = lm_head.weight, lm_head.bias
         return hidden.to(weight.dtype), weight, bias  # cast_lm_head_to_fp32: the head runs in fp32
 
+    def _lpo_head_kwargs(self):
+        return dict(bias=None, temperature=self.temperature, softcap=self.lpo_softcap,
+                    logit_scale=self.lpo_logit_scale, backend=self.lpo_backend)
+
     def _lpo_head_loss(self, model, inputs, mask, advantages, old_logp, others):
-        """The loss from the backbone's last hidden state and ``lm_head``: never [B*T, V]
-        logits when ``lpo_kernels.fused_linear`` is installed."""
+        """The loss from the backbone's last hidden state and ``lm_head`` in one fused pass
+        (never [B*T, V] logits); soft-capped/scaled logits as the model's config says."""
         hidden, weight, bias = self._lpo_head_inputs(model, inputs)
         completion_ids, group_ids, rewards = inputs["completion_ids"], inputs["lpo_group_ids"], inputs["lpo_rewards"]
         fused = _fused_linear_lpo_loss()
         with maybe_gather_lm_head_ctx(weight, bias):
             if fused is not None:
                 loss, stats, head_outputs = fused(
-                    hidden, weight, completion_ids, mask, group_ids, rewards, advantages, bias=bias,
-                    temperature=self.temperature, old_logp=old_logp, group_stats=others, return_entropy=True,
-                    backend=self.lpo_backend, **self.lpo_options)
-                return loss, stats, None, head_outputs.entropy  # logp is not needed: beta=0 here
-            # fallback until the fused head is installed: the same math through full logits
-            logp, entropies = naive_linear_logprobs(hidden, weight, completion_ids, bias=bias,
-                                                    temperature=self.temperature, return_entropy=True)
+                    hidden, weight, completion_ids, mask, group_ids, rewards, advantages, old_logp=old_logp,
+                    group_stats=others, return_entropy=True, token_grad_weights=self._lpo_is_ratio(inputs),
+                    **{**self._lpo_head_kwargs(), "bias": bias}, **self.lpo_options)
+                return loss, stats, head_outputs.entropy * inputs["completion_mask"]
+        logp, entropies = self._lpo_head_logps(model, inputs, return_entropy=True)
+        logp = weight_token_grads(logp, self._lpo_is_ratio(inputs))
         loss, stats = self._lpo_loss_from_logps(logp, old_logp, mask, group_ids, rewards, advantages, others)
-        return loss, stats, logp, entropies
+        return loss, stats, entropies * inputs["completion_mask"]
 
-    def _lpo_head_logps(self, model, batch):
-        """No-grad per-token log-probs through the lpo head (the stats pre-pass)."""
+    def _lpo_head_logps(self, model, batch, return_entropy=False):
+        """Per-token log-probs (+ detached entropy) through the lpo head: differentiable
+        (``fused_linear_logprobs`` recomputes each chunk's logits in its backward)."""
         hidden, weight, bias = self._lpo_head_inputs(model, batch)
+        kwargs = {**self._lpo_head_kwargs(), "bias": bias, "return_entropy": return_entropy}
         with maybe_gather_lm_head_ctx(weight, bias):
             if importlib.util.find_spec("lpo_kernels.fused_linear") is not None:
                 from ..fused_linear import fused_linear_logprobs
 
-                return fused_linear_logprobs(hidden, weight, batch["completion_ids"], bias=bias,
-                                             temperature=self.temperature, backend=self.lpo_backend)
-            return naive_linear_logprobs(hidden, weight, batch["completion_ids"], bias=bias,
-                                         temperature=self.temperature)
+                return fused_linear_logprobs(hidden, weight, batch["completion_ids"], **kwargs)
+            kwargs.pop("backend")
+            return naive_linear_logprobs(hidden, weight, batch["completion_ids"], **kwargs)
 
     # -- 4. metrics -------------------------------------------------------------------------
-    def _log_lpo_metrics(self, mode, stats, entropies, mask, per_token_kl):
+    def _log_lpo_metrics(self, mode, stats, entropies, mask, per_token_kl, sequence_clip=None):
         mask = mask.to(torch.float32)
         entropy_sum = (entropies.detach().float() * mask).sum()
         kl_sum = (per_token_kl.detach().float() * mask).sum() if per_token_kl is not None else mask.new_zeros(())
@@ -432,8 +606,12 @@ class LPOTrainer(GRPOTrainer):
         count = totals[2].clamp(min=1.0)
         names = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "lpo/divergence",
                  "lpo/listwise_entropy", "lpo/target_entropy", "lpo/mean_abs_coef", "lpo/n_groups")
-        local = torch.stack([stats.clip_fraction_low, stats.clip_fraction_high, stats.clip_fraction,
-                             stats.divergence, stats.listwise_entropy, stats.target_entropy,
+        clip = [stats.clip_fraction_low, stats.clip_fraction_high, stats.clip_fraction]
+        if sequence_clip is not None:  # sequence-level gate: share of counted tokens in gated responses
+            count = mask.sum().clamp(min=1.0)
+            low, high = (torch.broadcast_to(x, mask.shape).float() for x in sequence_clip)
+            clip = [(low * mask).sum() / count, (high * mask).sum() / count, ((low + high) * mask).sum() / count]
+        local = torch.stack([*clip, stats.divergence, stats.listwise_entropy, stats.target_entropy,
                              stats.mean_abs_coef, stats.n_groups]).float().to(mask.device)
         means = self.accelerator.gather(local.unsqueeze(0)).mean(0)
         values = dict(zip(names, means.tolist()))
@@ -445,4 +623,5 @@ class LPOTrainer(GRPOTrainer):
 
 
 __all__ = ["LPOConfig", "LPOTrainer", "lpo_options_from_args", "group_shuffle_permutation",
-           "shuffle_groups_dict", "plain_lm_head"]
+           "shuffle_groups_dict", "plain_lm_head", "lm_head_transform", "check_trl_options", "resolve_target",
+           "weight_token_grads"]

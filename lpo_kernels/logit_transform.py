@@ -1,0 +1,91 @@
+"""Logit scaling and soft-capping of the fused loss head (Gemma-2 style).
+
+The head's logits are ``z = f(h W^T + b) / T`` with
+
+    f(u) = softcap * tanh(logit_scale * u / softcap)      (softcap set)
+    f(u) = logit_scale * u                                (softcap None)
+
+the order of TRL 1.16's fused LM head (``trl/kernels/chunked_logprob.py``: scale, cap,
+then temperature) and of transformers' models (Gemma-2/3 cap the ``lm_head`` output;
+MuseGlimmer scales by ``output_multiplier`` before the cap; Cohere/Granite scale only).
+
+Without a cap the scale is folded into the row kernels' ``inv_temperature`` (``s / T``):
+exact, free, and the logits-gradient ``(onehot - p) * g * s / T`` is already the chain rule.
+With a cap the chunk's logits buffer is overwritten by ``f(u)`` right after its GEMM (one
+rounding to the buffer's dtype, the math in fp32/fp64); the row kernels then see ``f(u)``
+as their logits. For the gradient, ``f'(u) = logit_scale * (1 - (f(u)/softcap)^2)`` is read
+from that same buffer before the row kernel overwrites it with ``d/d f(u)``; both steps run
+over vocabulary slices of ``SLICE_COLUMNS`` columns, so the only temporaries are
+``chunk x SLICE_COLUMNS`` (no second ``chunk x V`` buffer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+SLICE_COLUMNS = 4096  # vocabulary columns per temporary (tests shrink it to cover slicing)
+
+
+def check_logit_transform(softcap, logit_scale) -> tuple[float | None, float]:
+    """Validated ``(softcap, logit_scale)`` as Python floats (``softcap`` None = no cap)."""
+    for name, value in (("softcap", softcap), ("logit_scale", logit_scale)):
+        if value is None and name == "softcap":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a Python number{' or None' if name == 'softcap' else ''}, "
+                            f"got {type(value).__name__}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return (None if softcap is None else float(softcap)), float(logit_scale)
+
+
+def _math_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _column_slices(vocab: int):
+    for v0 in range(0, vocab, SLICE_COLUMNS):
+        yield v0, min(v0 + SLICE_COLUMNS, vocab)
+
+
+def softcap_inplace(logits: Tensor, softcap: float, logit_scale: float) -> None:
+    """``logits <- softcap * tanh(logit_scale * logits / softcap)`` (math in fp32/fp64)."""
+    for v0, v1 in _column_slices(logits.shape[1]):
+        part = logits[:, v0:v1]
+        u = part.to(_math_dtype(part))
+        part.copy_(torch.tanh(u * (logit_scale / softcap)) * softcap)
+
+
+def softcap_grad_inplace(grad_inplace: Callable, capped: Tensor, targets: Tensor, lse: Tensor,
+                         grad_logp: Tensor, inv_temperature: float, softcap: float,
+                         logit_scale: float) -> None:
+    """``capped`` holds ``f(u)`` of a chunk; overwrite it with ``d loss / d u``:
+    the row kernel's ``d/d f(u)`` times ``f'(u) = logit_scale * (1 - (f(u)/softcap)^2)``."""
+    for v0, v1 in _column_slices(capped.shape[1]):
+        part = capped[:, v0:v1]
+        work = part.to(_math_dtype(part))  # the slice itself for fp32/fp64 buffers
+        chain = (1.0 - (work / softcap).square()).mul_(logit_scale)  # before work is overwritten
+        if work.data_ptr() != part.data_ptr():
+            work = work.contiguous()
+        # Column slice: the one-hot term lands only in the slice that holds the target
+        # (targets outside [0, v1 - v0) after the shift get none, as the row kernels specify).
+        grad_inplace(work, targets - v0, lse, grad_logp, inv_temperature)
+        work.mul_(chain)
+        if work.data_ptr() != part.data_ptr():
+            part.copy_(work)
+
+
+def transform_logits_reference(logits: Tensor, softcap: float | None, logit_scale: float) -> Tensor:
+    """Out-of-place ``f(u)`` for the naive reference head (full logits)."""
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+__all__ = ["check_logit_transform", "softcap_inplace", "softcap_grad_inplace",
+           "transform_logits_reference", "SLICE_COLUMNS"]
