@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import padding_free  # padded input: the GEMMs run over the real tokens only
 from . import reference
 from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 from .functional import listwise_forward_impl, resolve_backend
@@ -418,6 +419,23 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     Returns ``(loss, stats)``, or ``(loss, stats, HeadOutputs(logp, entropy))`` when
     ``return_logp`` or ``return_entropy`` is set (detached, input token layout).
     """
+    if padding_free.eligible(hidden, mask, cu_seqlens, exact=(target_ids, old_logp),
+                             broadcast=(token_grad_weights,)):
+        comp = padding_free.compaction(mask, tuple(hidden.shape[:2]))
+        if comp is not None:  # the packed call on the real tokens, outputs scattered back
+            out = fused_linear_lpo_loss(
+                padding_free.gather_hidden(hidden, comp), weight, padding_free.gather(target_ids, comp),
+                padding_free.gather(mask, comp), group_ids, rewards, advantages, bias=bias,
+                temperature=temperature, old_logp=padding_free.gather(old_logp, comp),
+                group_size=group_size, cu_seqlens=comp.cu_seqlens, group_stats=group_stats,
+                mode=mode, chunk_tokens=chunk_tokens, return_logp=return_logp,
+                return_entropy=return_entropy, backend=backend, grad_weight_fp32=grad_weight_fp32,
+                validate=validate, softcap=softcap, logit_scale=logit_scale,
+                token_grad_weights=padding_free.gather(token_grad_weights, comp), tp_group=tp_group,
+                vocab_start=vocab_start, **lpo_options)
+            if len(out) == 3:
+                out = (*out[:2], HeadOutputs(*(padding_free.scatter(x, comp) for x in out[2])))
+            return out
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     chunk_tokens = _check_chunk_tokens(chunk_tokens, mode)
@@ -610,7 +628,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=1.0,
                           return_entropy=False, chunk_tokens=None, backend="auto",
                           grad_weight_fp32=True, softcap=None, logit_scale=1.0, tp_group=None,
-                          vocab_start=None):
+                          vocab_start=None, mask=None):
     """``log_softmax((h W^T + b)/T)[target]`` per token without full logits.
 
     ``hidden`` ``[..., H]``, ``target_ids`` ``[...]``; returns logp ``[...]`` (fp32; fp64
@@ -618,7 +636,23 @@ def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=
     logits chunk by chunk), and with ``return_entropy`` also the tempered entropy
     (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient.
     ``softcap``/``logit_scale``: as :func:`fused_linear_lpo_loss`.
-    ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``)."""
+    ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``).
+    ``mask`` (``[B, T]`` with ``[B, T, H]`` hidden): only tokens with ``mask != 0`` are
+    computed (``lpo_kernels/padding_free.py``); logp/entropy are 0 elsewhere, and so is the
+    gradient there."""
+    if mask is not None and not padding_free.eligible(hidden, mask, exact=(target_ids,)):
+        raise ValueError("mask must be a [B, T] tensor on hidden's device with [B, T, H] hidden "
+                         "and [B, T] target_ids")
+    comp = None if mask is None else padding_free.compaction(mask, tuple(hidden.shape[:2]))
+    if comp is not None:
+        out = fused_linear_logprobs(
+            padding_free.gather_hidden(hidden, comp), weight, padding_free.gather(target_ids, comp),
+            bias=bias, temperature=temperature, return_entropy=return_entropy,
+            chunk_tokens=chunk_tokens, backend=backend, grad_weight_fp32=grad_weight_fp32,
+            softcap=softcap, logit_scale=logit_scale, tp_group=tp_group, vocab_start=vocab_start)
+        if return_entropy:
+            return tuple(padding_free.scatter(x, comp) for x in out)
+        return padding_free.scatter(out, comp)
     packed = hidden.dim() == 2
     head = _check_head(hidden, weight, target_ids, bias, temperature, packed, backend, softcap, logit_scale) \
         if hidden.dim() in (2, 3) else None
@@ -648,6 +682,10 @@ def fused_linear_lpo_group_stats(hidden, weight, target_ids, mask, group_ids, re
 
 
 # --------------------------------------------------------------------------- GRPO
+def _n_rows_of(index) -> int:
+    return index.stop - index.start if isinstance(index, slice) else index.numel()
+
+
 def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
                            temperature=1.0, old_logp=None, ref_logp=None, chunk_tokens=None,
                            backend="auto", grad_weight_fp32=True, return_logp=False,
@@ -685,7 +723,8 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     else:
         shard.check_inputs(head, mask, None)
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
-    rows_per_chunk = max(1, chunk_tokens // max(seq_len, 1))
+    # chunks of whole rows, holding only their real tokens (padding_free.py; one B-sized read)
+    chunks = padding_free.row_chunks(mask, head.token_shape, chunk_tokens)
     row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
     needs = _needs_grad(hidden, weight, bias)
     logp = torch.zeros(head.token_shape, dtype=head.logp_dtype, device=hidden.device)
@@ -698,18 +737,18 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
 
     with torch.no_grad():
         grads = _Grads(head, *needs, grad_weight_fp32=grad_weight_fp32)
-        buffer = _new_buffer(head, min(rows_per_chunk, n_rows) * seq_len)
-        for a in range(0, n_rows, rows_per_chunk):
-            b = min(a + rows_per_chunk, n_rows)
-            tokens = slice(a * seq_len, b * seq_len)
-            logits = _chunk_logits(buffer, head, tokens, (b - a) * seq_len)
+        if grads.hidden is not None and mask is not None:
+            grads.hidden.zero_()  # padding rows are in no chunk: their gradient is 0
+        buffer = _new_buffer(head, max((_n_rows_of(c[3]) for c in chunks), default=1))
+        for a, b, tokens, local in chunks:
+            logits = _chunk_logits(buffer, head, tokens, _n_rows_of(local))
             targets = head.targets[tokens]
             lse, lp, _ = row_stats(logits, targets, head.inv_temperature, False)
             logp.view(-1)[tokens] = lp.to(logp.dtype)
             if not any(needs):
                 continue
             with torch.enable_grad():
-                leaf = lp.to(logp.dtype).view(b - a, seq_len).requires_grad_()
+                leaf = logp[a:b].clone().requires_grad_()
                 chunk_loss, _ = reference.grpo_forward(
                     leaf, rows_of(old_logp, a, b), rows_of(mask, a, b), advantages[a:b],
                     rows_of(ref_logp, a, b), options)
@@ -718,7 +757,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                 token_grad = token_grad * (counted[a:b].sum().clamp(min=1) / total_tokens)
             else:  # grpo, dr_grpo: normalised by the number of rows
                 token_grad = token_grad * ((b - a) / n_rows)
-            _logits_grad(grad_inplace, logits, head, targets, lse, token_grad.reshape(-1))
+            _logits_grad(grad_inplace, logits, head, targets, lse, token_grad.reshape(-1)[local])
             grads.add_chunk(logits, head, tokens)
         loss, stats = reference.grpo_forward(logp, old_logp, mask, advantages, ref_logp, options)
         del buffer
