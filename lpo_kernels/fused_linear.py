@@ -256,9 +256,12 @@ def _group_chunks(batch, token_shape, chunk_tokens: int, device) -> list[_Chunk]
                 for a in range(0, n_seqs, step)]
     if batch.cu_seqlens is None:
         offsets = [i * token_shape[1] for i in range(n_seqs + 1)]
+    else:  # the one host sync of this plan (none when padding_free made the offsets)
+        offsets = padding_free.host_offsets(batch.cu_seqlens)
+    if batch.group_ids is None:  # consecutive groups of group_size: slots from shapes
+        slots = [seq // batch.group_size for seq in range(n_seqs)]
     else:
-        offsets = batch.cu_seqlens.tolist()  # the one host sync of this plan
-    slots = reference.group_slots(batch.group_ids, batch.group_size, n_seqs, device).tolist()
+        slots = reference.group_slots(batch.group_ids, batch.group_size, n_seqs, device).tolist()
     members: dict[int, list[int]] = {}
     for seq, slot in enumerate(slots):
         members.setdefault(slot, []).append(seq)
@@ -278,7 +281,7 @@ def _group_chunks(batch, token_shape, chunk_tokens: int, device) -> list[_Chunk]
         lengths = [offsets[s + 1] - offsets[s] for s in seqs]
         cu = torch.zeros(len(seqs) + 1, dtype=torch.long)
         cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
-        n = int(cu[-1])
+        n = sum(lengths)  # host ints: no tensor read
         if seqs == list(range(seqs[0], seqs[-1] + 1)):  # contiguous: views, no gathers
             tokens, seq_index = slice(offsets[seqs[0]], offsets[seqs[-1] + 1]), slice(seqs[0], seqs[-1] + 1)
         else:

@@ -7,7 +7,9 @@ read, so a NaN there reaches nothing).
 
 Design. One host read per call: the B per-row counts of real tokens (``mask != 0``), which
 size the compacted GEMMs (a GEMM's shape must be known on the host; ``nonzero`` would be
-the same sync). From them, on the device: the flat positions of the real tokens
+the same sync). The fast mode's whole-group plan reuses that host copy of the offsets
+(``host_offsets``), so with ``group_size`` this is the call's only read; with ``group_ids``
+the plan reads the B group slots as well (as it does for packed input). From them, on the device: the flat positions of the real tokens
 (``nonzero_static`` with the known size: no second sync), row-major, so each row's real
 tokens stay contiguous and in order, and the compacted layout is a packed layout with
 ``cu_seqlens`` = the cumulative counts. Then:
@@ -62,7 +64,18 @@ def compaction(mask: Tensor, token_shape: tuple) -> Compaction | None:
     index = torch.nonzero_static(real.reshape(-1), size=n_real).reshape(-1)
     cu_seqlens = torch.zeros(n_rows + 1, dtype=torch.long, device=mask.device)
     torch.cumsum(counts, 0, out=cu_seqlens[1:])
+    offsets = [0]
+    for count in row_counts:
+        offsets.append(offsets[-1] + count)
+    cu_seqlens._lpo_host_offsets = offsets  # the fast plan reads these, not the device copy
     return Compaction(index, cu_seqlens, row_counts, (n_rows, seq_len))
+
+
+def host_offsets(cu_seqlens: Tensor) -> list:
+    """``cu_seqlens`` as a list: the host copy :func:`compaction` made with it (no read),
+    else one read of the device tensor."""
+    known = getattr(cu_seqlens, "_lpo_host_offsets", None)
+    return list(known) if known is not None else cu_seqlens.tolist()
 
 
 def gather(x: Tensor | None, comp: Compaction) -> Tensor | None:

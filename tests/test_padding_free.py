@@ -232,3 +232,21 @@ def test_no_padding_and_unmasked_input_take_the_unchanged_path():
     assert comp.n_real == int(c["mask"].sum())
     assert torch.equal(comp.index, c["mask"].reshape(-1).nonzero().reshape(-1))
     assert comp.cu_seqlens.tolist() == [0] + torch.cumsum(c["mask"].sum(1), 0).tolist()
+
+
+def test_one_host_read_per_call(monkeypatch):
+    """padded + group_size: the row counts are the call's one host read (the fast plan
+    reuses their host copy); nothing else is read back (validate=False, as on CUDA)."""
+    c = _case(seed=6)
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+    for mode in ("fast", "low_memory"):
+        reads.clear()
+        h, w, b = _leaves(c)
+        loss, _ = fused_linear_lpo_loss(h, w, c["target_ids"], c["mask"], None, c["rewards"],
+                                        group_size=G, bias=b, backend="torch", validate=False,
+                                        mode=mode, chunk_tokens=40)
+        assert reads == ["tolist"], (mode, reads)
