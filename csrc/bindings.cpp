@@ -49,7 +49,7 @@ PYBIND11_MODULE(_cuda, m) {
 
   m.def("group_step",
         [](std::uintptr_t sum_delta, std::uintptr_t n_tokens, std::uintptr_t values, std::uintptr_t order,
-           std::uintptr_t offsets, int64_t group_size, int64_t n_slots, int target, int divergence, float alpha,
+           std::uintptr_t offsets, int64_t group_size, int64_t n_slots, int target, int divergence, double alpha,
            float tau, float eps, bool seq_reduce_mean, std::uintptr_t coef, std::uintptr_t seq_scale,
            std::uintptr_t divergence_out, std::uintptr_t entropy_p, std::uintptr_t entropy_w,
            std::uintptr_t abs_coef, std::uintptr_t members, std::uintptr_t stream) {

@@ -28,15 +28,27 @@ __device__ __forceinline__ float load_mask(const void* mask, int64_t i) {
   else return static_cast<const float*>(mask)[i];
 }
 
-__device__ __forceinline__ void sequence_range(const int64_t* cu_seqlens, int64_t seq_len, int64_t b,
-                                               int64_t& start, int64_t& end) {
+// Packed sequence b is tokens [c_b, max(c_b, c_{b+1})) with c = cu_seqlens clamped into
+// [0, N]: malformed offsets (validate=False) never reach outside the N tokens.
+__device__ __forceinline__ void sequence_range(const int64_t* cu_seqlens, int64_t seq_len, int64_t n_tokens,
+                                               int64_t b, int64_t& start, int64_t& end) {
   if (cu_seqlens != nullptr) {
-    start = cu_seqlens[b];
-    end = cu_seqlens[b + 1];
+    start = min(max(cu_seqlens[b], int64_t(0)), n_tokens);
+    end = min(max(cu_seqlens[b + 1], start), n_tokens);
   } else {
     start = b * seq_len;
     end = start + seq_len;
   }
+}
+
+// Malformed offsets sequence b owns (offset b+1; sequence 0 also offset 0), counted as
+// lpo_kernels/inputs.py::malformed_offsets counts them.
+__device__ __forceinline__ unsigned long long bad_offsets(const int64_t* cu_seqlens, int64_t n_seqs,
+                                                          int64_t n_tokens, int64_t b) {
+  const int64_t first = cu_seqlens[b], last = cu_seqlens[b + 1];
+  unsigned long long bad = (last < 0 || last > n_tokens || last < first || (b == n_seqs - 1 && last != n_tokens));
+  if (b == 0 && first != 0) bad += 1;
+  return bad;
 }
 
 // delta = logp - old_logp at counted tokens, 0 elsewhere (padding values never leak).
@@ -49,11 +61,11 @@ __device__ __forceinline__ float token_delta(const T* logp, const T* old, int64_
 template <typename T, int Mask, bool HasOld>
 __global__ void __launch_bounds__(kTokenThreads)
 sequence_sums_kernel(const T* __restrict__ logp, const T* __restrict__ old, const void* __restrict__ mask,
-                     const int64_t* __restrict__ cu_seqlens, int64_t seq_len,
+                     const int64_t* __restrict__ cu_seqlens, int64_t seq_len, int64_t total_tokens,
                      float* __restrict__ sum_delta, float* __restrict__ n_tokens) {
   const int64_t b = blockIdx.x;
   int64_t start, end;
-  sequence_range(cu_seqlens, seq_len, b, start, end);
+  sequence_range(cu_seqlens, seq_len, total_tokens, b, start, end);
   float weighted = 0.0f, count = 0.0f;
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
     const float m = load_mask<Mask>(mask, i);
@@ -71,13 +83,13 @@ sequence_sums_kernel(const T* __restrict__ logp, const T* __restrict__ old, cons
 template <typename T, int Mask, bool HasOld>
 __global__ void __launch_bounds__(kTokenThreads)
 token_grad_kernel(const T* __restrict__ logp, const T* __restrict__ old, const void* __restrict__ mask,
-                  const int64_t* __restrict__ cu_seqlens, int64_t seq_len,
+                  const int64_t* __restrict__ cu_seqlens, int64_t seq_len, int64_t n_seqs, int64_t total_tokens,
                   const float* __restrict__ seq_scale, const float* __restrict__ coef,
                   const int64_t* __restrict__ n_groups, int clip_mode, float log_low, float log_high,
                   float* __restrict__ token_grad, unsigned long long* __restrict__ counters) {
   const int64_t b = blockIdx.x;
   int64_t start, end;
-  sequence_range(cu_seqlens, seq_len, b, start, end);
+  sequence_range(cu_seqlens, seq_len, total_tokens, b, start, end);
   const float scale = seq_scale[b];
   const float c = coef[b];
   // reduction="mean": 1/G, G read on the device (no host sync).
@@ -107,6 +119,18 @@ token_grad_kernel(const T* __restrict__ logp, const T* __restrict__ old, const v
     if (low) atomicAdd(counters + 1, low);
     if (high) atomicAdd(counters + 2, high);
   }
+  if (cu_seqlens != nullptr) {
+    if (threadIdx.x == 0) {
+      const unsigned long long bad = bad_offsets(cu_seqlens, n_seqs, total_tokens, b);
+      if (bad) atomicAdd(counters + 3, bad);
+    }
+    if (b == 0) {  // tokens before the first / from the last clamped offset: no sequence holds them
+      const int64_t head = min(max(cu_seqlens[0], int64_t(0)), total_tokens);
+      const int64_t tail = min(max(cu_seqlens[n_seqs], int64_t(0)), total_tokens);
+      for (int64_t i = threadIdx.x; i < head; i += blockDim.x) token_grad[i] = 0.0f;
+      for (int64_t i = tail + threadIdx.x; i < total_tokens; i += blockDim.x) token_grad[i] = 0.0f;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------- group pass
@@ -126,24 +150,71 @@ __device__ __forceinline__ Member load_member(const float* sum_delta, const floa
   return out;
 }
 
-// Group statistics the target logits phi depend on.
+// Group statistics the target logits phi depend on. mean and the std inside
+// denom_or_factor are of value / scale, scale a power of two near the largest |value|
+// (reference.target_logits): no overflow (rewards ~3e38) or underflow (deviations ~1e-30).
 struct TargetStats {
-  float count, mean, denom_or_factor;
+  float count, scale, mean, denom_or_factor;
   bool constant;
 };
 
+// reference.pow2_scale: the power of two <= absmax, at least FLT_MIN (dividing by it is exact).
+__device__ __forceinline__ float pow2_scale(float absmax) {
+  int exponent;
+  frexpf(absmax, &exponent);
+  return fmaxf(ldexpf(1.0f, exponent - 1), 1.17549435e-38f);
+}
+
+// reference.saturate_logits: an overflowed target logit becomes the largest finite one.
+__device__ __forceinline__ float saturate_logit(float phi) {
+  constexpr float kLimit = 3.40282347e38f;  // FLT_MAX
+  return fminf(fmaxf(phi, -kLimit), kLimit);
+}
+
+// reference.log_prob_floor: shifted logits x - max held >= -FLT_MAX/4 (exp is 0 just the
+// same; differences of two log-probabilities stay finite).
+__device__ __forceinline__ float floor_shifted(float shifted) { return fmaxf(shifted, -3.40282347e38f / 4.0f); }
+
 __device__ __forceinline__ float target_logit(const Member& m, const TargetStats& st, const GroupParams& p) {
   if (!m.valid || st.constant) return 0.0f;  // uniform target for an all-equal group
-  const float centered = m.value - st.mean;
+  const float centered = m.value / st.scale - st.mean;
   float phi;
   switch (p.target) {
     case kGrpo:
     case kMaxrl: phi = centered / st.denom_or_factor; break;
-    case kDrGrpo: phi = centered; break;
-    case kRloo: phi = centered * st.denom_or_factor; break;
+    case kDrGrpo: phi = centered * st.scale; break;
+    case kRloo: phi = centered * st.scale * st.denom_or_factor; break;
     default: phi = m.value; break;  // softmax, advantages
   }
-  return phi / p.tau;
+  return saturate_logit(phi / p.tau);
+}
+
+struct Probs { float lp, lw, p, w; };
+
+// reference.alpha_parts: the alpha divergence in a form exact as alpha -> 0 or 1.
+// e = base (1 + expm1(g d)) with base = P, g = a, d = lw - lp when a <= 1/2, else base = w,
+// g = 1 - a, d = lp - lw; gap = e - base; D_k = ((other - base) - gap / g) / (1 - g).
+struct AlphaForm {
+  bool p_form;
+  float a, g;  // g = min(a, 1 - a), taken in double (exact also for a within 1e-10 of 1)
+};
+struct AlphaParts { float base, gap, term; };
+
+__device__ __forceinline__ AlphaForm alpha_form(double alpha) {
+  const bool p_form = alpha <= 0.5;
+  return AlphaForm{p_form, static_cast<float>(alpha), static_cast<float>(p_form ? alpha : 1.0 - alpha)};
+}
+
+__device__ __forceinline__ AlphaParts alpha_parts(const Probs& q, const AlphaForm& f) {
+  const float base = f.p_form ? q.p : q.w, other = f.p_form ? q.w : q.p;
+  const float log_base = f.p_form ? q.lp : q.lw, log_other = f.p_form ? q.lw : q.lp;
+  const float x = f.g * (log_other - log_base);
+  AlphaParts out;
+  out.base = base;
+  // |x| >= 1/4: e / base is > 22% from 1, e - base loses < 3 bits; e <= 1 never overflows
+  out.gap = fabsf(x) < 0.25f ? base * expm1f(x) : expf((1.0f - f.g) * log_base + f.g * log_other) - base;
+  out.term = ((other - base) - out.gap / f.g) / (1.0f - f.g);
+  return out;
 }
 
 __device__ __forceinline__ float log_add_exp(float a, float b) {
@@ -167,38 +238,43 @@ group_step_kernel(const float* __restrict__ sum_delta, const float* __restrict__
   auto seq = [&](int64_t j) { return order != nullptr ? order[j] : j; };
   auto member = [&](int64_t j) { return load_member(sum_delta, n_tokens, values, seq(j), mean_reduce); };
 
-  // (a) count, value sum/min/max, score max.
-  float count = 0.0f, value_sum = 0.0f, value_max = -INFINITY, value_min = INFINITY, score_max = -INFINITY;
+  // (a) count, value min/max, score max.
+  float count = 0.0f, value_max = -INFINITY, value_min = INFINITY, score_max = -INFINITY;
   for (int64_t j = begin + lane; j < end; j += 32) {
     const Member m = member(j);
     if (!m.valid) continue;
     count += 1.0f;
-    value_sum += m.value;
     value_max = fmaxf(value_max, m.value);
     value_min = fminf(value_min, m.value);
     score_max = fmaxf(score_max, m.score);
   }
   count = warp_sum(count);
-  value_sum = warp_sum(value_sum);
   value_max = warp_max(value_max);
   value_min = warp_min(value_min);
   score_max = warp_max(score_max);
 
   TargetStats st;
   st.count = count;
-  st.mean = value_sum / fmaxf(count, 1.0f);
+  st.scale = pow2_scale(count > 0.0f ? fmaxf(fabsf(value_max), fabsf(value_min)) : 0.0f);
   st.constant = value_max == value_min;
+  float value_sum = 0.0f;  // (a2) mean of value / scale
+  for (int64_t j = begin + lane; j < end; j += 32) {
+    const Member m = member(j);
+    if (m.valid) value_sum += m.value / st.scale;
+  }
+  st.mean = warp_sum(value_sum) / fmaxf(count, 1.0f);
   st.denom_or_factor = 1.0f;
-  if (p.target == kGrpo) {  // (b) Bessel-corrected std
+  if (p.target == kGrpo) {  // (b) Bessel-corrected std (of value / scale: + eps / scale)
     float squares = 0.0f;
     for (int64_t j = begin + lane; j < end; j += 32) {
       const Member m = member(j);
-      if (m.valid) squares += (m.value - st.mean) * (m.value - st.mean);
+      const float x = m.value / st.scale - st.mean;
+      if (m.valid) squares += x * x;
     }
-    const float denom = sqrtf(warp_sum(squares) / fmaxf(count - 1.0f, 1.0f)) + p.eps;
+    const float denom = sqrtf(warp_sum(squares) / fmaxf(count - 1.0f, 1.0f)) + p.eps / st.scale;
     st.denom_or_factor = denom > 0.0f ? denom : 1.0f;
   } else if (p.target == kMaxrl) {
-    const float denom = st.mean + p.eps;
+    const float denom = st.mean + p.eps / st.scale;
     st.denom_or_factor = denom > 0.0f ? denom : 1.0f;
   } else if (p.target == kRloo) {
     st.denom_or_factor = count / fmaxf(count - 1.0f, 1.0f);
@@ -221,16 +297,15 @@ group_step_kernel(const float* __restrict__ sum_delta, const float* __restrict__
   const float log_norm_p = logf(warp_sum(norm_p));
   const float log_norm_w = logf(warp_sum(norm_w));
 
-  struct Probs { float lp, lw, p, w; };
   auto probs = [&](const Member& m) {
     Probs q;
-    q.lp = (m.score - score_max) - log_norm_p;
-    q.lw = (target_logit(m, st, p) - phi_max) - log_norm_w;
+    q.lp = floor_shifted(m.score - score_max) - log_norm_p;
+    q.lw = floor_shifted(target_logit(m, st, p) - phi_max) - log_norm_w;
     q.p = expf(q.lp);
     q.w = expf(q.lw);
     return q;
   };
-  const float a = p.alpha;
+  const AlphaForm form = alpha_form(p.alpha);
 
   // (e) divergence, entropies, and the group sum each coefficient needs.
   float div = 0.0f, ent_p = 0.0f, ent_w = 0.0f, group_term = 0.0f;
@@ -248,10 +323,10 @@ group_step_kernel(const float* __restrict__ sum_delta, const float* __restrict__
         group_term += t;
         break;
       }
-      case kAlpha: {  // e = w^a p^(1-a) <= 1: nothing overflows
-        const float e = expf(a * q.lw + (1.0f - a) * q.lp);
-        div += (e - a * q.w - (1.0f - a) * q.p) / (a * (a - 1.0f));
-        group_term += e;
+      case kAlpha: {  // group_term = sum_j e_j - 1
+        const AlphaParts ap = alpha_parts(q, form);
+        div += ap.term;
+        group_term += ap.gap;
         break;
       }
       default: {  // js
@@ -278,7 +353,11 @@ group_step_kernel(const float* __restrict__ sum_delta, const float* __restrict__
       switch (p.divergence) {
         case kForwardKL: c = q.p - q.w; break;
         case kReverseKL: c = q.p * ((q.lp - q.lw) - group_term); break;
-        case kAlpha: c = -(expf(a * q.lw + (1.0f - a) * q.lp) - q.p * group_term) / a; break;
+        case kAlpha: {
+          const AlphaParts ap = alpha_parts(q, form);
+          c = -((ap.base - q.p) + ap.gap - q.p * group_term) / form.a;
+          break;
+        }
         default: {
           const float log_m = log_add_exp(q.lp, q.lw) - 0.69314718055994531f;
           c = q.p * (0.5f * (q.lp - log_m) - group_term);
@@ -336,7 +415,8 @@ finalize_groups_kernel(const float* __restrict__ divergence, const float* __rest
     float_out[4] = abs_sum / static_cast<float>(valid > 0 ? valid : 1ull);
     int_out[0] = static_cast<int64_t>(groups);
     int_out[1] = static_cast<int64_t>(valid);
-    int_out[2] = int_out[3] = int_out[4] = 0;  // counted, clipped low, clipped high (token pass)
+    // counted, clipped low, clipped high, malformed cu_seqlens offsets (the token pass adds them)
+    int_out[2] = int_out[3] = int_out[4] = int_out[5] = 0;
   }
 }
 
@@ -378,7 +458,7 @@ struct LaunchSums {
   static int run(const TokenLayout& t, float* sum_delta, float* n_tokens, cudaStream_t stream) {
     sequence_sums_kernel<T, M, HasOld><<<static_cast<unsigned>(t.n_seqs), token_threads(t), 0, stream>>>(
         static_cast<const T*>(t.logp), static_cast<const T*>(t.old_logp), t.mask, t.cu_seqlens, t.seq_len,
-        sum_delta, n_tokens);
+        t.total_tokens, sum_delta, n_tokens);
     return static_cast<int>(cudaGetLastError());
   }
 };
@@ -390,7 +470,7 @@ struct LaunchTokenGrad {
                  cudaStream_t stream) {
     token_grad_kernel<T, M, HasOld><<<static_cast<unsigned>(t.n_seqs), token_threads(t), 0, stream>>>(
         static_cast<const T*>(t.logp), static_cast<const T*>(t.old_logp), t.mask, t.cu_seqlens, t.seq_len,
-        seq_scale, coef, n_groups, clip_mode, log_low, log_high, out, counters);
+        t.n_seqs, t.total_tokens, seq_scale, coef, n_groups, clip_mode, log_low, log_high, out, counters);
     return static_cast<int>(cudaGetLastError());
   }
 };

@@ -28,7 +28,7 @@ struct TokenLayout {
   const int64_t* cu_seqlens; // packed offsets or nullptr (padded)
   int64_t n_seqs;
   int64_t seq_len;           // padded row length (ignored when packed)
-  int64_t total_tokens;      // logp.numel(): sizes the blocks (short sequences, small blocks)
+  int64_t total_tokens;      // logp.numel(): sizes the blocks; packed offsets are clamped to it
 };
 
 // Pass 1: per sequence, sum_t m*delta and N = sum_t m.
@@ -37,7 +37,7 @@ int sequence_sums(const TokenLayout& tokens, float* sum_delta, float* n_tokens, 
 struct GroupParams {
   int target;
   int divergence;
-  float alpha;
+  double alpha;  // double: the kernel takes min(alpha, 1 - alpha) exactly (alpha near 1)
   float tau;
   float eps;
   int seq_reduce_mean;  // 1: s = sum/N, 0: s = sum
@@ -55,13 +55,15 @@ int group_step(const float* sum_delta, const float* n_tokens, const float* value
 
 // Pass 3 (one block): float_out[5] = loss (mean or sum over groups), divergence,
 // listwise entropy, target entropy (means over counted groups), mean |c|;
-// int_out[5] = n_groups, non-empty sequences, then zeroes for the token pass's counters.
+// int_out[6] = n_groups, non-empty sequences, then zeroes for the token pass's counters.
 int finalize_groups(const float* divergence, const float* entropy_p, const float* entropy_w, const float* abs_coef,
                     const float* members, int64_t n_slots, int reduction_mean, float* float_out, int64_t* int_out,
                     cudaStream_t stream);
 
 // Pass 4: token_grad = seq_scale * m * clipgate [/ max(*n_groups, 1) when n_groups != nullptr],
-// fp32, same layout as logp; counters[0..2] += counted tokens, clipped low, clipped high.
+// fp32, same layout as logp; counters[0..3] += counted tokens, clipped low, clipped high,
+// malformed cu_seqlens offsets. Packed offsets are clamped into [0, total_tokens] (no read
+// or write outside the tokens) and tokens no sequence holds get token_grad = 0.
 int token_grad(const TokenLayout& tokens, const float* seq_scale, const float* coef,
                const int64_t* n_groups, int clip_mode, float log_low, float log_high,
                float* token_grad, unsigned long long* counters, cudaStream_t stream);

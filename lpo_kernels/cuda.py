@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .inputs import InputDTypeError, ListwiseBatch
+from .inputs import InputDTypeError, ListwiseBatch, malformed_offsets
 from .options import LPOOptions
 from .stats import LPOStats
 
@@ -164,9 +164,10 @@ def listwise_forward_cuda(batch: ListwiseBatch, options: LPOOptions) -> referenc
                        divergence.data_ptr(), entropy_p.data_ptr(), entropy_w.data_ptr(), abs_coef.data_ptr(),
                        members.data_ptr(), stream)
 
-        # float_out: loss, divergence, listwise entropy, target entropy, mean |c|;
-        # int_out: n_groups, non-empty sequences, counted tokens, clipped low, clipped high.
-        float_out, int_out = _output((5,), f32, device), torch.empty(5, dtype=i64, device=device)
+        # float_out: loss, divergence, listwise entropy, target entropy, mean |c|; int_out:
+        # n_groups, non-empty sequences, counted tokens, clipped low, clipped high, malformed
+        # cu_seqlens offsets (the kernels clamp them: validate=False never reads out of bounds).
+        float_out, int_out = _output((5,), f32, device), torch.empty(6, dtype=i64, device=device)
         ext.finalize_groups(divergence.data_ptr(), entropy_p.data_ptr(), entropy_w.data_ptr(), abs_coef.data_ptr(),
                             members.data_ptr(), n_slots, options.reduction == "mean", float_out.data_ptr(),
                             int_out.data_ptr(), stream)
@@ -175,6 +176,9 @@ def listwise_forward_cuda(batch: ListwiseBatch, options: LPOOptions) -> referenc
         ext.token_grad(*token_args, seq_scale.data_ptr(), coef.data_ptr(),
                        int_out.data_ptr() if options.reduction == "mean" else 0,  # n_groups: 1/G on the device
                        _CLIP_CODES[options.clip], low, high, token_grad.data_ptr(), int_out[2:].data_ptr(), stream)
+        if cu is not None and n == 0:  # packed tokens but no sequence: no token launch
+            token_grad.zero_()
+            int_out[5] = malformed_offsets(cu, logp.shape[0])
 
     token_group = None
     if options.reduction == "none":
@@ -202,6 +206,7 @@ def listwise_forward_cuda(batch: ListwiseBatch, options: LPOOptions) -> referenc
         n_groups=int_out[0],
         n_seqs=int_out[1],
         n_tokens=counted,
+        cu_seqlens_errors=int_out[5],
     )
     return reference.ListwiseResult(loss, token_grad, token_group, stats)
 

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from . import reference
 from .inputs import check_listwise_inputs, check_same_device, check_tensor
-from .options import GRPOOptions, LPOOptions
-from .stats import GRPOStats, LPOStats
+from .grpo import grpo_loss  # noqa: F401  (re-export: the GRPO family lives in grpo.py)
+from .options import LPOOptions
+from .stats import LPOStats
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -151,34 +152,3 @@ def _make_lpo_options(target, divergence, alpha, tau, eps, seq_reduce, clip, cli
 
 
 _cached_lpo_options = functools.lru_cache(maxsize=128, typed=True)(_make_lpo_options)
-
-
-def grpo_loss(logp, old_logp, mask, advantages, *, loss_type="grpo", clip_eps_low=0.2,
-              clip_eps_high=0.2, beta=0.0, ref_logp=None, max_completion_length=None
-              ) -> tuple[Tensor, GRPOStats]:
-    """The GRPO baseline with TRL GRPOTrainer's conventions (spec section 5).
-
-    ``logp``/``old_logp``/``mask``/``ref_logp``: padded ``[B, T]``; ``advantages``:
-    ``[B]`` or ``[B, T]``; ``loss_type``: grpo | bnpo | dr_grpo | dapo; ``beta > 0``
-    adds ``beta * k3`` KL to ``ref_logp``."""
-    options = GRPOOptions(loss_type=loss_type, clip_eps_low=clip_eps_low,
-                          clip_eps_high=clip_eps_high, beta=beta,
-                          max_completion_length=max_completion_length)
-    check_tensor("logp", logp, floating=True, dim=2)
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if x is not None:
-            check_tensor(name, x, floating=True)
-            if x.shape != logp.shape:
-                raise ValueError(f"{name} shape {tuple(x.shape)} != logp shape {tuple(logp.shape)}")
-    if mask is not None:
-        check_tensor("mask", mask)
-        if mask.shape != logp.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} != logp shape {tuple(logp.shape)}")
-    check_tensor("advantages", advantages, dim=(1, 2))
-    if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp.shape)}, got {tuple(advantages.shape)}")
-    if options.beta > 0 and ref_logp is None:
-        raise ValueError("beta > 0 needs ref_logp")
-    check_same_device("logp", logp, old_logp=old_logp, mask=mask, advantages=advantages,
-                      ref_logp=ref_logp)
-    return reference.grpo_forward(logp, old_logp, mask, advantages, ref_logp, options)

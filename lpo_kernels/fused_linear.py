@@ -53,8 +53,9 @@ from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_wit
 from .logit_transform import check_logit_transform, softcap_grad_inplace, softcap_inplace
 from .inputs import (InputDTypeError, check_listwise_inputs, check_same_device, check_tensor,
                      resolve_validate)
+from .inputs import malformed_offsets, malformed_offsets_error
 from .ops.loss_head import row_kernels
-from .options import GRPOOptions, LPOOptions
+from .options import LPOOptions, check_divisor
 
 MODES = ("fast", "low_memory")
 DEFAULT_CHUNK_TOKENS = {"fast": 8192, "low_memory": 1024}
@@ -107,10 +108,7 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend,
         if bias.shape != weight.shape[:1] or bias.dtype != weight.dtype:
             raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {weight.dtype}, got "
                              f"{tuple(bias.shape)} {bias.dtype}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    temperature = check_divisor("temperature", temperature)  # 1/T finite in fp32 (issue 13.7)
     softcap, logit_scale = check_logit_transform(softcap, logit_scale)
     check_same_device("hidden", hidden, weight=weight, target_ids=target_ids, bias=bias)
     backend = resolve_backend(backend, hidden.device, hidden.dtype)
@@ -258,6 +256,9 @@ def _group_chunks(batch, token_shape, chunk_tokens: int, device) -> list[_Chunk]
         offsets = [i * token_shape[1] for i in range(n_seqs + 1)]
     else:  # the one host sync of this plan (none when padding_free made the offsets)
         offsets = padding_free.host_offsets(batch.cu_seqlens)
+        if offsets[0] != 0 or offsets[-1] != token_shape[0] or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise malformed_offsets_error(int(malformed_offsets(batch.cu_seqlens, token_shape[0])),
+                                          token_shape[0])  # on the host already: cheap to check
     if batch.group_ids is None:  # consecutive groups of group_size: slots from shapes
         slots = [seq // batch.group_size for seq in range(n_seqs)]
     else:
@@ -684,90 +685,12 @@ def fused_linear_lpo_group_stats(hidden, weight, target_ids, mask, group_ids, re
                            validate=validate)
 
 
-# --------------------------------------------------------------------------- GRPO
-def _n_rows_of(index) -> int:
-    return index.stop - index.start if isinstance(index, slice) else index.numel()
+def __getattr__(name):  # the GRPO head moved to fused_grpo.py; old imports keep working
+    if name == "fused_linear_grpo_loss":
+        from .fused_grpo import fused_linear_grpo_loss
 
-
-def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
-                           temperature=1.0, old_logp=None, ref_logp=None, chunk_tokens=None,
-                           backend="auto", grad_weight_fp32=True, return_logp=False,
-                           loss_type="grpo", clip_eps_low=0.2, clip_eps_high=0.2, beta=0.0,
-                           max_completion_length=None, softcap=None, logit_scale=1.0,
-                           tp_group=None, vocab_start=None):
-    """The GRPO baseline (``reference.grpo_forward``, TRL conventions) from padded hidden
-    states ``[B, T, H]``, one pass over chunks of whole rows (6·N·H·V).
-
-    GRPO's per-token gradient depends on its own token only, up to the loss type's
-    normaliser: each chunk's gradient comes from ``grpo_forward`` on the chunk's rows,
-    rescaled from the chunk's normaliser to the batch's (rows for grpo/dr_grpo, counted
-    tokens for bnpo/dapo). Returns ``(loss, stats)`` (+ ``logp`` when asked).
-    ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``)."""
-    options = GRPOOptions(loss_type=loss_type, clip_eps_low=clip_eps_low,
-                          clip_eps_high=clip_eps_high, beta=beta,
-                          max_completion_length=max_completion_length)
-    head = _check_head(hidden, weight, target_ids, bias, temperature, False, backend, softcap, logit_scale)
-    n_rows, seq_len = head.token_shape
-    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
-        if x is not None:
-            check_tensor(name, x, floating=None if name == "mask" else True)
-            if tuple(x.shape) != head.token_shape:
-                raise ValueError(f"{name} shape {tuple(x.shape)} != token shape {head.token_shape}")
-    check_tensor("advantages", advantages, dim=(1, 2))
-    if tuple(advantages.shape) not in ((n_rows,), head.token_shape):
-        raise ValueError(f"advantages must be [B] or [B, T] = {head.token_shape}, got {tuple(advantages.shape)}")
-    if options.beta > 0 and ref_logp is None:
-        raise ValueError("beta > 0 needs ref_logp")
-    check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, ref_logp=ref_logp,
-                      advantages=advantages)
-    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
-    if shard is None:
-        _check_targets_in_vocab(head, mask, None)
-    else:
-        shard.check_inputs(head, mask, None)
-    chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
-    # chunks of whole rows, holding only their real tokens (padding_free.py; one B-sized read)
-    chunks = padding_free.row_chunks(mask, head.token_shape, chunk_tokens)
-    row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
-    needs = _needs_grad(hidden, weight, bias)
-    logp = torch.zeros(head.token_shape, dtype=head.logp_dtype, device=hidden.device)
-    counted = (torch.ones(head.token_shape, device=hidden.device) if mask is None
-               else (mask != 0).to(head.logp_dtype))
-    total_tokens = counted.sum().clamp(min=1)
-
-    def rows_of(x, a, b):
-        return None if x is None else x[a:b]
-
-    with torch.no_grad():
-        grads = _Grads(head, *needs, grad_weight_fp32=grad_weight_fp32)
-        if grads.hidden is not None and mask is not None:
-            grads.hidden.zero_()  # padding rows are in no chunk: their gradient is 0
-        buffer = _new_buffer(head, max((_n_rows_of(c[3]) for c in chunks), default=1))
-        for a, b, tokens, local in chunks:
-            logits = _chunk_logits(buffer, head, tokens, _n_rows_of(local))
-            targets = head.targets[tokens]
-            lse, lp, _ = row_stats(logits, targets, head.inv_temperature, False)
-            logp.view(-1)[tokens] = lp.to(logp.dtype)
-            if not any(needs):
-                continue
-            with torch.enable_grad():
-                leaf = logp[a:b].clone().requires_grad_()
-                chunk_loss, _ = reference.grpo_forward(
-                    leaf, rows_of(old_logp, a, b), rows_of(mask, a, b), advantages[a:b],
-                    rows_of(ref_logp, a, b), options)
-                (token_grad,) = torch.autograd.grad(chunk_loss, leaf)
-            if options.loss_type in ("bnpo", "dapo"):
-                token_grad = token_grad * (counted[a:b].sum().clamp(min=1) / total_tokens)
-            else:  # grpo, dr_grpo: normalised by the number of rows
-                token_grad = token_grad * ((b - a) / n_rows)
-            _logits_grad(grad_inplace, logits, head, targets, lse, token_grad.reshape(-1)[local])
-            grads.add_chunk(logits, head, tokens)
-        loss, stats = reference.grpo_forward(logp, old_logp, mask, advantages, ref_logp, options)
-        del buffer
-    scale = torch.ones((), dtype=loss.dtype, device=hidden.device)
-    hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
-    loss = _attach(loss.detach(), scale, grads, hidden, weight, bias)
-    return (loss, stats, logp) if return_logp else (loss, stats)
+        return fused_linear_grpo_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["fused_linear_lpo_loss", "FusedLinearLPOLoss", "fused_linear_logprobs",

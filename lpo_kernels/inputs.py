@@ -41,6 +41,24 @@ def check_same_device(ref_name: str, ref: Tensor, **others) -> None:
             raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
+def malformed_offsets(cu_seqlens: Tensor, n_tokens: int) -> Tensor:
+    """How many offsets break ``0 = cu[0] <= cu[1] <= ... <= cu[B] = N`` (0-dim int64, no
+    host sync): offset i counts once if it lies outside [0, N], is below offset i-1, or is
+    the first (last) and not 0 (N). Every listwise kernel counts the same way
+    (``LPOStats.cu_seqlens_errors``)."""
+    cu = cu_seqlens.long()
+    index = torch.arange(cu.shape[0], device=cu.device)
+    bad = (cu < 0) | (cu > n_tokens) | ((index == 0) & (cu != 0))
+    bad = bad | ((index == cu.shape[0] - 1) & (cu != n_tokens))
+    bad[1:] |= cu[1:] < cu[:-1]
+    return bad.sum()
+
+
+def malformed_offsets_error(n_bad: int, n_tokens: int | str = "N") -> ValueError:
+    return ValueError(f"cu_seqlens is malformed: {n_bad} offset(s) break 0 = cu_seqlens[0] "
+                      f"<= cu_seqlens[1] <= ... <= cu_seqlens[-1] = {n_tokens} (the number of tokens)")
+
+
 def resolve_validate(validate: bool | None, device: torch.device) -> bool:
     return device.type == "cpu" if validate is None else bool(validate)
 
@@ -128,11 +146,9 @@ def check_listwise_inputs(
         if options.target == "maxrl" and bool((per_seq < 0).any()):
             raise ValueError("rewards must be >= 0 for target='maxrl' (it divides by the mean reward)")
         if packed:
-            offsets = cu_seqlens
-            if int(offsets[0]) != 0 or int(offsets[-1]) != logp.shape[0]:
-                raise ValueError(f"cu_seqlens must start at 0 and end at {logp.shape[0]}")
-            if bool((offsets[1:] < offsets[:-1]).any()):
-                raise ValueError("cu_seqlens must be non-decreasing")
+            n_bad = int(malformed_offsets(cu_seqlens, logp.shape[0]))
+            if n_bad:
+                raise malformed_offsets_error(n_bad, logp.shape[0])
         if group_size is not None and group_ids is not None:
             blocks = group_ids.view(-1, group_size)
             if bool((blocks != blocks[:, :1]).any()) or torch.unique(blocks[:, 0]).numel() != blocks.shape[0]:

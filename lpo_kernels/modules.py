@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .functional import BACKENDS, grpo_loss, lpo_loss
-from .options import GRPOOptions, LPOOptions
+from .functional import BACKENDS, lpo_loss
+from .grpo import grpo_loss, grpo_options
+from .options import LPOOptions
 
 
 class LPOLoss(torch.nn.Module):
@@ -33,12 +34,14 @@ class LPOLoss(torch.nn.Module):
 
 
 class GRPOLoss(torch.nn.Module):
-    """Module form of :func:`lpo_kernels.grpo_loss`."""
+    """Module form of :func:`lpo_kernels.grpo_loss` (options: :class:`GRPOOptions`)."""
 
     def __init__(self, **options):
         super().__init__()
-        GRPOOptions(**options)
+        grpo_options(**options)  # fail at construction on a bad option
         self.options = dict(options)
 
-    def forward(self, logp, old_logp, mask, advantages, ref_logp=None):
-        return grpo_loss(logp, old_logp, mask, advantages, ref_logp=ref_logp, **self.options)
+    def forward(self, logp, old_logp, mask, advantages, ref_logp=None, **tensors):
+        """``tensors``: entropy, sampling_logp, importance_sampling_ratio, num_items_in_batch."""
+        return grpo_loss(logp, old_logp, mask, advantages, ref_logp=ref_logp, **tensors,
+                         **self.options)

@@ -12,7 +12,6 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "alpha", "js")
 SEQ_REDUCES = ("mean", "sum")
 CLIP_MODES = ("clamp", "ppo", "none")
 REDUCTIONS = ("mean", "sum", "none")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -26,6 +25,23 @@ def _check_real(name: str, value) -> float:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+# The smallest normal float32 (2**-126). The kernels compute in fp32: a smaller divisor
+# (tau, a sampling temperature) flushes to 0 on GPUs and its reciprocal overflows.
+SMALLEST_DIVISOR = 2.0 ** -126
+
+
+def check_divisor(name: str, value) -> float:
+    """A Python number that the kernels divide by: finite, > 0, and >= SMALLEST_DIVISOR
+    so that 1/value is finite in float32 (tau=1e-40 would otherwise give NaN)."""
+    value = _check_real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if value < SMALLEST_DIVISOR:
+        raise ValueError(f"{name} must be >= {SMALLEST_DIVISOR:.8g} (the smallest normal float32: "
+                         f"1/{name} must be finite in the kernels' fp32 math), got {value}")
     return value
 
 
@@ -56,10 +72,10 @@ class LPOOptions:
         _check_choice("reduction", self.reduction, REDUCTIONS)
         for name in ("alpha", "tau", "eps", "clip_eps_low", "clip_eps_high"):
             object.__setattr__(self, name, _check_real(name, getattr(self, name)))
-        if self.tau <= 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
+        check_divisor("tau", self.tau)
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}")
+        check_divisor("alpha", self.alpha)  # c_k divides by alpha (1 - alpha >= 1e-16 anyway)
         if not 0.0 <= self.eps < 1.0:
             raise ValueError(f"eps must lie in [0, 1), got {self.eps}")
         if not 0.0 <= self.clip_eps_low <= 1.0:
@@ -78,26 +94,9 @@ class LPOOptions:
         return low, math.log1p(self.clip_eps_high)
 
 
-@dataclass(frozen=True)
-class GRPOOptions:
-    """Options of the GRPO baseline (TRL's GRPOTrainer conventions)."""
+def __getattr__(name):  # GRPOOptions moved to grpo.py; old imports keep working
+    if name in ("GRPOOptions", "GRPO_LOSS_TYPES"):
+        from . import grpo
 
-    loss_type: str = "grpo"
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    beta: float = 0.0
-    max_completion_length: int | None = None
-
-    def __post_init__(self):
-        _check_choice("loss_type", self.loss_type, GRPO_LOSS_TYPES)
-        for name in ("clip_eps_low", "clip_eps_high", "beta"):
-            object.__setattr__(self, name, _check_real(name, getattr(self, name)))
-        if not 0.0 <= self.clip_eps_low <= 1.0:
-            raise ValueError(f"clip_eps_low must lie in [0, 1], got {self.clip_eps_low}")
-        if self.clip_eps_high < 0.0:
-            raise ValueError(f"clip_eps_high must be >= 0, got {self.clip_eps_high}")
-        if self.beta < 0.0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        mcl = self.max_completion_length
-        if mcl is not None and (isinstance(mcl, bool) or not isinstance(mcl, int) or mcl <= 0):
-            raise ValueError(f"max_completion_length must be a positive int, got {mcl!r}")
+        return getattr(grpo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

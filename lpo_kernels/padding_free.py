@@ -155,3 +155,8 @@ def row_chunks(mask: Tensor | None, token_shape: tuple, chunk_tokens: int) -> li
             local = torch.nonzero_static(real[a:b].reshape(-1), size=size).reshape(-1)
             plan.append((a, b, local + a * seq_len, local))
     return plan
+
+
+def n_tokens_of(index) -> int:
+    """Length of a chunk's token index (a slice or an index tensor)."""
+    return index.stop - index.start if isinstance(index, slice) else index.numel()

@@ -1,4 +1,4 @@
-"""The math of LPO and of the GRPO baseline, once, in plain PyTorch.
+"""The math of LPO, once, in plain PyTorch (the GRPO baseline family: grpo.py).
 
 This file is the specification (../shared/docs/lpo-math.md) in code. Every kernel is
 tested against it; it is also the CPU fallback (``backend="torch"``). It runs in fp64
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .inputs import ListwiseBatch
-from .options import GRPOOptions, LPOOptions
-from .stats import GRPOStats, LPOStats
+from .inputs import ListwiseBatch, malformed_offsets
+from .options import LPOOptions
+from .stats import LPOStats
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,25 +34,42 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------- segments
 def token_sequence_index(cu_seqlens: Tensor | None, n_tokens: int) -> Tensor | None:
     """Sequence index of each packed token (no host sync); None for padded [B, T] input.
-    Computed once per call and passed to ``sequence_sums`` / ``per_token``."""
+    Computed once per call and passed to ``sequence_sums`` / ``per_token``.
+
+    Malformed offsets (validate=False) never index out of bounds: every kernel reads
+    sequence b as tokens [c_b, max(c_b, c_{b+1})) with c = cu_seqlens clamped into [0, N].
+    A token no such range holds gets index ``B`` (one past the last sequence: its sums are
+    dropped and its per-token values are 0); one that several ranges hold (offsets out of
+    order) goes to the last b with c_b <= t, one of those ranges."""
     if cu_seqlens is None:
         return None
-    positions = torch.arange(n_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+    n_seqs = cu_seqlens.shape[0] - 1
+    positions = torch.arange(n_tokens, device=cu_seqlens.device)
+    if n_seqs == 0:
+        return torch.zeros_like(positions)  # every token is outside (index B = 0)
+    offsets = cu_seqlens.long().clamp(0, n_tokens)
+    starts = offsets[:-1]
+    ends = torch.maximum(offsets[1:], starts)
+    # the last b with starts[b] <= t is the last b whose suffix minimum is <= t; suffix
+    # minima are sorted (and equal the starts when the offsets are well formed)
+    suffix_min = torch.flip(torch.cummin(torch.flip(starts, [0]), 0).values, [0])
+    seq = torch.searchsorted(suffix_min, positions, right=True) - 1
+    held = (seq >= 0) & (positions < ends[seq.clamp(min=0)])
+    return torch.where(held, seq, torch.full_like(seq, n_seqs))
 
 
 def sequence_sums(x: Tensor, seq_index: Tensor | None, n_seqs: int) -> Tensor:
     """Per-sequence sum of a padded [B, T] (``seq_index`` None) or packed [N] tensor."""
     if seq_index is None:
         return x.sum(dim=-1)
-    return x.new_zeros(n_seqs).index_add_(0, seq_index, x)
+    return x.new_zeros(n_seqs + 1).index_add_(0, seq_index, x)[:n_seqs]
 
 
 def per_token(values: Tensor, seq_index: Tensor | None) -> Tensor:
-    """Broadcast a per-sequence vector to the token layout."""
+    """Broadcast a per-sequence vector to the token layout (0 at tokens of no sequence)."""
     if seq_index is None:
         return values[:, None]
-    return values[seq_index]
+    return torch.cat([values, values.new_zeros(1)])[seq_index]
 
 
 def group_slots(group_ids: Tensor | None, group_size: int | None, n_seqs: int, device) -> Tensor:
@@ -89,8 +106,10 @@ def sequence_scores(batch: ListwiseBatch, seq_reduce: str, dtype: torch.dtype):
     logp = batch.logp.to(dtype)
     old = logp if batch.old_logp is None else batch.old_logp.to(dtype)
     mask = torch.ones_like(logp) if batch.mask is None else batch.mask.to(dtype)
-    delta = torch.where(mask != 0, logp - old, torch.zeros_like(logp))
     seq_index = token_sequence_index(batch.cu_seqlens, logp.shape[0])
+    if seq_index is not None:  # a token of no sequence (malformed cu_seqlens) never counts
+        mask = torch.where(seq_index < batch.n_seqs, mask, torch.zeros_like(mask))
+    delta = torch.where(mask != 0, logp - old, torch.zeros_like(logp))
     n_tokens = sequence_sums(mask, seq_index, batch.n_seqs)
     summed = sequence_sums(mask * delta, seq_index, batch.n_seqs)
     if seq_reduce == "mean":
@@ -100,26 +119,57 @@ def sequence_scores(batch: ListwiseBatch, seq_reduce: str, dtype: torch.dtype):
     return scores, n_tokens, delta, mask
 
 
+def pow2_scale(absmax: Tensor) -> Tensor:
+    """A power of two within a factor 2 of ``absmax`` (at least the dtype's smallest normal
+    number): dividing by it is exact, so the target statistics computed on values / scale
+    are the unscaled ones bit for bit, while neither a sum of values near the dtype's
+    maximum nor a square of deviations ~1e-30 or ~1e19 (fp32) over- or underflows."""
+    exponent = torch.frexp(absmax).exponent
+    tiny = torch.finfo(absmax.dtype).tiny
+    return torch.ldexp(torch.ones_like(absmax), exponent - 1).clamp(min=tiny)
+
+
+def saturate_logits(phi: Tensor) -> Tensor:
+    """A target logit that overflowed (rewards / tau beyond the dtype's range) becomes the
+    largest finite one, so the group maximum is finite and nothing turns into inf - inf."""
+    limit = torch.finfo(phi.dtype).max
+    return phi.clamp(-limit, limit)
+
+
+def log_prob_floor(dtype: torch.dtype) -> float:
+    """Shifted logits x - max below this (-max/4 of the dtype; they overflow to -inf when
+    two logits differ by more than the dtype's range) are held there: exp gives 0 just the
+    same, and differences of two log-probabilities stay finite (no 0 * inf in D)."""
+    return -torch.finfo(dtype).max / 4
+
+
 def target_logits(values: Tensor, valid: Tensor, slots: Tensor, options: LPOOptions) -> Tensor:
     """phi_k of the spec's target table (divided by tau); 0 for empty responses and for
-    every member of a group whose values are all equal (uniform target)."""
+    every member of a group whose values are all equal (uniform target).
+
+    Group statistics are computed on values / scale, with ``scale`` a power of two near
+    the group's largest |value| (``pow2_scale``): exact in the normal range and free of
+    overflow (rewards ~3e38) and underflow (deviations ~1e-30 with eps=0)."""
     n = values.shape[0]
     v = torch.where(valid, values, torch.zeros_like(values))
+    absmax = segment_amax(v.abs(), slots, n)
+    scale = pow2_scale(absmax.clamp(min=0))  # (absmax is -inf for a slot of no member)
+    x = v / scale[slots]
     count = segment_sum(valid.to(values.dtype), slots, n)
-    mean = segment_sum(v, slots, n) / count.clamp(min=1)
-    centered = torch.where(valid, v - mean[slots], torch.zeros_like(v))
+    mean_x = segment_sum(x, slots, n) / count.clamp(min=1)
+    centered_x = torch.where(valid, x - mean_x[slots], torch.zeros_like(x))
     t = options.target
-    if t == "grpo":
-        var = segment_sum(centered * centered, slots, n) / (count - 1).clamp(min=1)
-        denom = var.sqrt() + options.eps
-        phi = centered / torch.where(denom > 0, denom, torch.ones_like(denom))[slots]
+    if t == "grpo":  # (R - mean) / (std + eps) = x_c / (std_x + eps / scale)
+        var_x = segment_sum(centered_x * centered_x, slots, n) / (count - 1).clamp(min=1)
+        denom = var_x.sqrt() + options.eps / scale
+        phi = centered_x / torch.where(denom > 0, denom, torch.ones_like(denom))[slots]
     elif t == "dr_grpo":
-        phi = centered
+        phi = centered_x * scale[slots]
     elif t == "rloo":
-        phi = centered * (count / (count - 1).clamp(min=1))[slots]
-    elif t == "maxrl":
-        denom = mean + options.eps
-        phi = centered / torch.where(denom > 0, denom, torch.ones_like(denom))[slots]
+        phi = centered_x * scale[slots] * (count / (count - 1).clamp(min=1))[slots]
+    elif t == "maxrl":  # (R - mean) / (mean + eps) = x_c / (mean_x + eps / scale)
+        denom = mean_x + options.eps / scale
+        phi = centered_x / torch.where(denom > 0, denom, torch.ones_like(denom))[slots]
     else:  # "softmax" (rewards) and "advantages": the values themselves
         phi = v
     # Exact test of "all equal": a mean/std computed in floating point is not exactly the
@@ -127,7 +177,8 @@ def target_logits(values: Tensor, valid: Tensor, slots: Tensor, options: LPOOpti
     vmax = segment_amax(torch.where(valid, values, torch.full_like(values, -math.inf)), slots, n)
     vmin = -segment_amax(torch.where(valid, -values, torch.full_like(values, -math.inf)), slots, n)
     constant = (vmax == vmin)[slots]
-    return torch.where(valid & ~constant, phi / options.tau, torch.zeros_like(phi))
+    phi = saturate_logits(phi / options.tau)
+    return torch.where(valid & ~constant, phi, torch.zeros_like(phi))
 
 
 def group_log_softmax(x: Tensor, valid: Tensor, slots: Tensor) -> Tensor:
@@ -135,7 +186,7 @@ def group_log_softmax(x: Tensor, valid: Tensor, slots: Tensor) -> Tensor:
     n = x.shape[0]
     neg_inf = torch.full_like(x, -math.inf)
     group_max = segment_amax(torch.where(valid, x, neg_inf), slots, n)
-    shifted = torch.where(valid, x - group_max[slots], neg_inf)
+    shifted = torch.where(valid, (x - group_max[slots]).clamp(min=log_prob_floor(x.dtype)), neg_inf)
     log_norm = segment_sum(torch.exp(shifted), slots, n).log()
     return torch.where(valid, shifted - log_norm[slots], neg_inf)
 
@@ -162,11 +213,9 @@ def divergence_and_coefficients(log_p: Tensor, log_w: Tensor, valid: Tensor, slo
         coef = p * (d - segment_sum(terms, slots, n)[slots])
     elif div == "alpha":
         a = options.alpha
-        # e_k = w^a p^(1-a) <= 1 (weighted geometric mean), so nothing overflows; each
-        # term e - a w - (1-a) p is <= 0 (AM-GM), so D is a sum of non-negative parts.
-        e = torch.where(valid, torch.exp(a * lw + (1 - a) * lp), zero)
-        terms = (e - a * w - (1 - a) * p) / (a * (a - 1))
-        coef = -(e - p * segment_sum(e, slots, n)[slots]) / a
+        base, other, gap, terms = alpha_parts(p, w, lp, lw, valid, a)
+        excess = segment_sum(gap, slots, n)[slots]  # sum_j e_j - 1
+        coef = -((base - p) + gap - p * excess) / a
     else:  # "js"
         log_m = torch.logaddexp(lp, lw) - math.log(2.0)
         f = 0.5 * (lp - log_m)
@@ -174,6 +223,34 @@ def divergence_and_coefficients(log_p: Tensor, log_w: Tensor, valid: Tensor, slo
         coef = p * (f - segment_sum(p * f, slots, n)[slots])
     divergence = segment_sum(torch.where(valid, terms, zero), slots, n)
     return divergence, torch.where(valid, coef, zero)
+
+
+EXPM1_SERIES_BELOW = 0.25  # |x| below which gap = base * expm1(x) (Triton: its Taylor series)
+
+
+def alpha_parts(p: Tensor, w: Tensor, lp: Tensor, lw: Tensor, valid: Tensor, a: float):
+    """The alpha divergence in a form exact as alpha -> 0 or 1 (each kernel repeats it).
+
+    With e_k = w_k^a P_k^(1-a), D = (sum e - 1) / (a (a - 1)) and c_k = -(e_k - P_k sum e) / a
+    (spec section 2) lose every digit to cancellation near the ends (e ~ P when a ~ 0, e ~ w
+    when a ~ 1). Write e_k = base_k (1 + expm1(g d_k)), with base = P, g = a, d = log w -
+    log P when a <= 1/2 and base = w, g = 1 - a, d = log P - log w otherwise; then
+    gap_k = e_k - base_k is accurate, sum e - 1 = sum gap (sum base = 1), and per member
+    D_k = ((other_k - base_k) - gap_k / g) / (1 - g) >= 0 (tends to KL(P||w*) as a -> 0,
+    KL(w*||P) as a -> 1). Returns (base, other, gap, D_k)."""
+    p_form = a <= 0.5
+    g = a if p_form else 1.0 - a  # exact in double, also for a within 1e-10 of 1
+    base, other = (p, w) if p_form else (w, p)
+    log_base, log_other = (lp, lw) if p_form else (lw, lp)
+    x = g * (log_other - log_base)
+    # |x| >= 1/4: e / base differs from 1 by > 22%, so e - base loses < 3 bits; e <= 1
+    # never overflows (a weighted geometric mean of two probabilities)
+    e = torch.exp((1.0 - g) * log_base + g * log_other)
+    small = x.abs() < EXPM1_SERIES_BELOW
+    gap = torch.where(small, base * torch.expm1(torch.where(small, x, torch.zeros_like(x))), e - base)
+    gap = torch.where(valid, gap, torch.zeros_like(gap))
+    terms = ((other - base) - gap / g) / (1.0 - g)
+    return base, other, gap, terms
 
 
 def clip_masks(delta: Tensor, coef_tok: Tensor, options: LPOOptions):
@@ -280,55 +357,11 @@ def listwise_from_scores(batch: ListwiseBatch, options: LPOOptions, scores: Tens
         n_groups=n_groups,
         n_seqs=n_valid,
         n_tokens=n_counted,
+        cu_seqlens_errors=(torch.zeros((), dtype=torch.long, device=delta.device)
+                           if batch.cu_seqlens is None else
+                           malformed_offsets(batch.cu_seqlens, delta.shape[0])),
     )
     return ListwiseResult(loss.detach(), token_grad.detach(), token_group, stats)
-
-
-# --------------------------------------------------------------------------- GRPO
-def grpo_forward(logp: Tensor, old_logp: Tensor | None, mask: Tensor | None, advantages: Tensor,
-                 ref_logp: Tensor | None, options: GRPOOptions):
-    """TRL GRPOTrainer's loss on padded [B, T] log-probs (differentiable through logp).
-
-    ``advantages`` is [B] or [B, T]. Returns (loss, GRPOStats)."""
-    dtype = compute_dtype(logp.dtype)
-    lp = logp.to(dtype)
-    old = lp.detach() if old_logp is None else old_logp.to(dtype)
-    m = torch.ones_like(lp) if mask is None else mask.to(dtype)
-    adv = advantages.to(dtype)
-    adv = adv[:, None] if adv.dim() == 1 else adv
-    counted = m != 0
-    log_ratio = torch.where(counted, lp - old, torch.zeros_like(lp))
-    ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - options.clip_eps_low, 1 + options.clip_eps_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
-    kl = torch.zeros_like(lp)
-    if ref_logp is not None:
-        ref_delta = torch.where(counted, ref_logp.to(dtype) - lp, torch.zeros_like(lp))
-        kl = torch.exp(ref_delta) - ref_delta - 1
-        if options.beta != 0.0:
-            per_token = per_token + options.beta * kl
-    per_token = torch.where(counted, per_token * m, torch.zeros_like(per_token))
-    tokens = m.sum().clamp(min=1)
-    if options.loss_type == "grpo":
-        loss = (per_token.sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    elif options.loss_type in ("bnpo", "dapo"):  # dapo = bnpo on one process (TRL: global count)
-        loss = per_token.sum() / tokens
-    else:  # dr_grpo
-        length = options.max_completion_length or lp.shape[-1]
-        loss = per_token.sum() / (lp.shape[0] * length)
-    low = (ratio < 1 - options.clip_eps_low) & (adv < 0) & counted
-    high = (ratio > 1 + options.clip_eps_high) & (adv > 0) & counted
-    n_counted = counted.sum()
-    denom = n_counted.clamp(min=1).to(dtype)
-    stats = GRPOStats(
-        kl=((kl * m).sum() / denom).detach(),
-        clip_fraction=((low | high).sum() / denom).detach(),
-        clip_fraction_low=(low.sum() / denom).detach(),
-        clip_fraction_high=(high.sum() / denom).detach(),
-        n_seqs=(m.sum(-1) > 0).sum(),
-        n_tokens=n_counted,
-    )
-    return loss, stats
 
 
 # --------------------------------------------------------------------------- loss head
@@ -366,12 +399,9 @@ def naive_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                     **lpo_options)
 
 
-def naive_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
-                           temperature=1.0, old_logp=None, ref_logp=None, softcap=None,
-                           logit_scale=1.0, **grpo_options):
-    """Naive eager GRPO from hidden states (TRL's path: full logits, fp32 log-softmax)."""
-    from .functional import grpo_loss
+def __getattr__(name):  # the GRPO family moved to grpo.py; old imports keep working
+    if name in ("grpo_forward", "naive_linear_grpo_loss"):
+        from . import grpo
 
-    logp = naive_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
-                                 softcap=softcap, logit_scale=logit_scale)
-    return grpo_loss(logp, old_logp, mask, advantages, ref_logp=ref_logp, **grpo_options)
+        return getattr(grpo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

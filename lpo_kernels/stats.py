@@ -4,8 +4,9 @@ for logging."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
+import torch
 from torch import Tensor
 
 
@@ -27,13 +28,24 @@ class LPOStats(_StatsMixin):
     n_groups: Tensor            # groups with at least one non-empty response (G)
     n_seqs: Tensor              # non-empty responses
     n_tokens: Tensor            # counted tokens (mask != 0)
+    # offsets of cu_seqlens that break 0 = cu[0] <= ... <= cu[B] = N, counted by the kernels
+    # (0 = well formed, always 0 for padded input); see ``check_inputs``
+    cu_seqlens_errors: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def check_inputs(self) -> None:
+        """Raises the ValueError ``validate=True`` would have raised for malformed
+        ``cu_seqlens`` (the kernels clamp every offset, so nothing was read or written out
+        of bounds, but the loss is not meaningful). Host sync: call it where you log."""
+        from .inputs import malformed_offsets_error
+
+        errors = int(self.cu_seqlens_errors)
+        if errors:
+            raise malformed_offsets_error(errors)
 
 
-@dataclass(frozen=True)
-class GRPOStats(_StatsMixin):
-    kl: Tensor                  # mean k3 KL to ref_logp over counted tokens (0 without ref)
-    clip_fraction: Tensor       # TRL's clip_ratio/region_mean
-    clip_fraction_low: Tensor   # TRL's clip_ratio/low_mean
-    clip_fraction_high: Tensor  # TRL's clip_ratio/high_mean
-    n_seqs: Tensor
-    n_tokens: Tensor
+def __getattr__(name):  # GRPOStats moved to grpo.py; old imports keep working
+    if name == "GRPOStats":
+        from . import grpo
+
+        return grpo.GRPOStats
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -332,7 +332,7 @@ def test_fused_linear_grpo_matches_naive(loss_type):
     case = make_head_case(seed=29, bias=True)
     adv = torch.randn(case["hidden"].shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ref_logp = case["old_logp"] + 0.05
-    options = dict(loss_type=loss_type, beta=0.04, clip_eps_high=0.28)
+    options = dict(loss_type=loss_type, beta=0.04, clip_eps_high=0.28, max_completion_length=9)
     targets = case["target_ids"].clamp(min=0)
     p, q = leaves(case), leaves(case)
     l1, s1 = fused_linear_grpo_loss(p["hidden"], p["weight"], targets, case["mask"], adv,

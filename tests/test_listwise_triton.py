@@ -349,15 +349,24 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 int_ptrs = {"sorted_ids_ptr": "*i64", "order_ptr": "*i64", "ends_ptr": "*i64", "cu_ptr": "*i32",
             "mask_ptr": "*i1", "partials_ptr": "*fp64"}
-for kernel, consts in (
+fp64_ptrs = {**int_ptrs, "logp_ptr": "*fp64", "old_ptr": "*fp64", "values_ptr": "*fp64",
+             "grad_ptr": "*fp64", "group_loss_ptr": "*fp64"}
+packed = dict(PACKED=True, HAS_OLD=True, HAS_MASK=False, TARGET="grpo", DIVERGENCE="alpha",
+              SEQ_REDUCE="mean", CLIP="clamp", N_PARTIALS=11, BLOCK_K=8, BLOCK_T=64)
+for kernel, consts, ptrs in (
         (listwise._segmented_groups_kernel, dict(TARGET="grpo", DIVERGENCE="alpha",
-            SEQ_REDUCE="mean", N_PARTIALS=10, BLOCK_K=16)),
+            SEQ_REDUCE="mean", N_PARTIALS=11, BLOCK_K=16), int_ptrs),
         (listwise._listwise_groups_kernel, dict(PACKED=False, HAS_OLD=True, HAS_MASK=True,
-            TARGET="maxrl", DIVERGENCE="js", SEQ_REDUCE="mean", CLIP="ppo", N_PARTIALS=10,
-            BLOCK_K=8, BLOCK_T=64))):
+            TARGET="maxrl", DIVERGENCE="js", SEQ_REDUCE="mean", CLIP="ppo", N_PARTIALS=11,
+            BLOCK_K=8, BLOCK_T=64), int_ptrs),
+        # packed offsets clamped + the zero fill; the fp64 branches of the issue-13 helpers
+        (listwise._listwise_groups_kernel, packed, int_ptrs),
+        (listwise._listwise_groups_kernel, packed, fp64_ptrs),
+        (listwise._sequence_grad_kernel, dict(PACKED=True, HAS_OLD=True, HAS_MASK=False,
+            CLIP="ppo", N_PARTIALS=11, BLOCK_S=4, BLOCK_T=256), int_ptrs)):
     names = [p.name for p in kernel.params]
-    sig = {n: "constexpr" if n in consts else int_ptrs.get(n, "*fp32") if n.endswith("_ptr")
-           else "i32" if n in ("T", "K", "n_seqs") else "fp64" for n in names}
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "*fp32") if n.endswith("_ptr")
+           else "i32" if n in ("T", "K", "n_seqs", "n_tokens") else "fp64" for n in names}
     src = ASTSource(fn=kernel, signature=sig,
                     constexprs={(names.index(n),): v for n, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32))

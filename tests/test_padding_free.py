@@ -154,19 +154,24 @@ def test_lpo_matches_naive_and_padded_path(kw, monkeypatch):
         assert_close(g, r, atol=1e-12, rtol=1e-10, name=f"grad {name} vs padded path")
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
-def test_grpo_matches_naive(loss_type):
+@pytest.mark.parametrize("opts", [
+    dict(loss_type="grpo"), dict(loss_type="bnpo"), dict(loss_type="dr_grpo", max_completion_length=T),
+    dict(loss_type="dapo", entropy_coef=0.05), dict(loss_type="dapo", top_entropy_quantile=0.5),
+    dict(loss_type="grpo", importance_sampling_level="sequence")], ids=str)
+def test_grpo_matches_naive(opts):
+    from lpo_kernels.grpo import naive_linear_grpo_loss
+
     c = _case(seed=2)
     leaves = _leaves(c)
-    loss, stats, logp = _grpo(c, leaves, chunk_tokens=40, loss_type=loss_type,
-                              max_completion_length=T)
+    loss, stats, out = _grpo(c, leaves, chunk_tokens=40, return_entropy=True, **opts)
     grads = _backward(loss, leaves)
     real = c["mask"]
-    assert bool((grads[0][~real] == 0).all()) and bool((logp[~real] == 0).all())
+    assert bool((grads[0][~real] == 0).all()) and bool((out.logp[~real] == 0).all())
+    assert bool((out.entropy[~real] == 0).all())
     ref_leaves = _leaves(dict(c, hidden=c["hidden"].nan_to_num(0.0)))
-    ref_loss, _ = reference.naive_linear_grpo_loss(
+    ref_loss, _ = naive_linear_grpo_loss(
         ref_leaves[0], ref_leaves[1], c["target_ids"].clamp(min=0), c["mask"], c["advantages"],
-        bias=ref_leaves[2], old_logp=c["old_logp"], loss_type=loss_type, max_completion_length=T)
+        bias=ref_leaves[2], old_logp=c["old_logp"], **opts)
     ref_grads = _backward(ref_loss, ref_leaves)
     assert_close(loss, ref_loss, atol=1e-10, rtol=1e-9, name="loss")
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):

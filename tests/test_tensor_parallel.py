@@ -127,16 +127,17 @@ def _lpo_whole_for_split(tp, *, mode):
     return _grads(dict(loss0=loss.detach(), loss1=loss.detach()), h, w, b)
 
 
-def _grpo(tp, *, dtype, loss_type):
+def _grpo(tp, *, dtype, loss_type, **options):
     c = make_head_case(n_groups=2, group_size=4, seq_len=6, vocab=VOCAB, dtype=dtype, bias=True,
                        seed=11)
     g = torch.Generator().manual_seed(12)
     ref = c["old_logp"] + 0.1 * torch.randn(c["old_logp"].shape, generator=g, dtype=c["old_logp"].dtype)
     h, w, b = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp)), _leaf(_shard(c["bias"], tp))
-    loss, stats, logp = fused_linear_grpo_loss(
+    loss, stats, out = fused_linear_grpo_loss(
         h, w, c["target_ids"], c["mask"], c["rewards"], bias=b, temperature=1.1,
         old_logp=c["old_logp"], ref_logp=ref, chunk_tokens=12, backend="torch",
-        loss_type=loss_type, beta=0.05, return_logp=True, **_tp_kwargs(tp))
+        loss_type=loss_type, beta=0.05, return_logp=True, **options, **_tp_kwargs(tp))
+    logp = out.logp
     loss.backward()
     return _grads(dict(loss=loss.detach(), logp=logp, **_stats(stats)), h, w, b)
 
@@ -178,6 +179,8 @@ CASES = {
     "lpo_split_groups_low_memory_f64": lambda tp: _lpo_split_groups(tp, mode="low_memory"),
     "grpo_dapo_f64": lambda tp: _grpo(tp, dtype=F64, loss_type="dapo"),
     "grpo_grpo_f32": lambda tp: _grpo(tp, dtype=F32, loss_type="grpo"),
+    "grpo_sapo_entropy_bonus_f64": lambda tp: _grpo(tp, dtype=F64, loss_type="sapo", entropy_coef=0.05,
+                                                    top_entropy_quantile=0.5),
     "logprobs_f64": lambda tp: _logprobs(tp, dtype=F64, backend="torch"),
     "logprobs_f32_explicit_start": lambda tp: _logprobs(tp, dtype=F32, backend="torch",
                                                         explicit_start=True),

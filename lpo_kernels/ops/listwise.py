@@ -46,27 +46,53 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from ..inputs import ListwiseBatch
+from ..inputs import ListwiseBatch, malformed_offsets
 from ..options import LPOOptions
 from ..stats import LPOStats
 
 MAX_FUSED_GROUP = 128  # larger groups go to the general path (one group must fit registers)
 POISON_OUTPUTS = False  # tests set True: outputs start as NaN, so unwritten elements show
-_N_PARTIALS = 10  # columns of the partials matrix (see _finalize_kernel)
+_N_PARTIALS = 11  # columns of the partials matrix (see _finalize_kernel)
 
 
 # =========================================================================== kernels
 @triton.jit
-def _row_extents(rows, row_ok, cu_ptr, T, PACKED: tl.constexpr):
-    """First token offset and length of each row (sequence), and the longest length."""
+def _row_extents(rows, row_ok, cu_ptr, T, n_seqs, n_tokens, PACKED: tl.constexpr):
+    """First token offset and length of each row (sequence), the longest length, and the
+    number of malformed offsets each row owns (row b: offset b+1; row 0 also offset 0;
+    ``inputs.malformed_offsets`` counts the same). Packed offsets are clamped: row b reads
+    tokens [c_b, max(c_b, c_{b+1})) with c = clamp(cu_seqlens, 0, N), so malformed
+    cu_seqlens (validate=False) never reach outside the N tokens."""
     if PACKED:
-        starts = tl.load(cu_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        ends = tl.load(cu_ptr + rows + 1, mask=row_ok, other=0).to(tl.int64)
-        lengths = ends - starts
+        n_tokens = tl.cast(n_tokens, tl.int64)
+        first = tl.load(cu_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        last = tl.load(cu_ptr + rows + 1, mask=row_ok, other=0).to(tl.int64)
+        starts = tl.minimum(tl.maximum(first, 0), n_tokens)
+        lengths = tl.where(row_ok, tl.minimum(tl.maximum(last, starts), n_tokens) - starts, 0)
+        bad = ((last < 0) | (last > n_tokens) | (last < first)
+               | ((rows == n_seqs - 1) & (last != n_tokens)))
+        bad_offsets = bad.to(tl.int32) + ((rows == 0) & (first != 0)).to(tl.int32)
+        bad_offsets = tl.where(row_ok, bad_offsets, 0)
     else:
         starts = rows.to(tl.int64) * T
         lengths = tl.where(row_ok, T, 0).to(tl.int64)
-    return starts, lengths, tl.max(lengths, axis=0)
+        bad_offsets = tl.where(row_ok, 0, 0).to(tl.int32)
+    return starts, lengths, tl.max(lengths, axis=0), bad_offsets
+
+
+@triton.jit
+def _zero_outside_sequences(grad_ptr, cu_ptr, n_seqs, n_tokens, BLOCK: tl.constexpr):
+    """token_grad = 0 before the first clamped offset and from the last one on: the only
+    tokens no row's range can hold (nothing to do for well-formed cu_seqlens)."""
+    n_tokens = tl.cast(n_tokens, tl.int64)
+    head = tl.minimum(tl.maximum(tl.load(cu_ptr).to(tl.int64), 0), n_tokens)
+    tail = tl.minimum(tl.maximum(tl.load(cu_ptr + n_seqs).to(tl.int64), 0), n_tokens)
+    offs = tl.arange(0, BLOCK).to(tl.int64)
+    zeros = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+    for t0 in range(0, head, BLOCK):
+        tl.store(grad_ptr + t0 + offs, zeros, mask=t0 + offs < head)
+    for t0 in range(tail, n_tokens, BLOCK):
+        tl.store(grad_ptr + t0 + offs, zeros, mask=t0 + offs < n_tokens)
 
 
 @triton.jit
@@ -157,7 +183,8 @@ def _log_softmax_member(x, valid, group_max, sum_exp):
     a member is valid (the max contributes exp(0))."""
     group_max = tl.where(group_max == float("-inf"), 0.0, group_max)
     log_norm = tl.log(tl.maximum(sum_exp, 1.0))
-    return tl.where(valid, x - group_max - log_norm, float("-inf"))
+    shifted = tl.maximum(x - group_max, _log_prob_floor(x))  # reference.log_prob_floor
+    return tl.where(valid, shifted - log_norm, float("-inf"))
 
 
 @triton.jit
@@ -168,25 +195,58 @@ def _shifted_exp(x, valid, group_max):
 
 
 @triton.jit
-def _target_logits_member(values, valid, count, mean, sum_sq, varies, eps, tau,
+def _pow2_scale(absmax):
+    """reference.pow2_scale: the power of two <= absmax (its exponent bits), at least the
+    smallest normal number; dividing by it is exact."""
+    if absmax.dtype == tl.float64:
+        bits = absmax.to(tl.int64, bitcast=True) & 0x7FF0000000000000
+        return tl.maximum(bits.to(tl.float64, bitcast=True), 2.2250738585072014e-308)
+    else:
+        bits = absmax.to(tl.int32, bitcast=True) & 0x7F800000
+        return tl.maximum(bits.to(tl.float32, bitcast=True), 1.1754943508222875e-38)
+
+
+@triton.jit
+def _saturate_logits(phi):
+    """reference.saturate_logits: an overflowed target logit becomes the largest finite one."""
+    if phi.dtype == tl.float64:
+        limit = tl.full([], 1.7976931348623157e308, tl.float64)
+    else:
+        limit = tl.full([], 3.4028234663852886e38, tl.float32)
+    return tl.minimum(tl.maximum(phi, -limit), limit)
+
+
+@triton.jit
+def _log_prob_floor(x):
+    """reference.log_prob_floor: -max/4 of x's dtype."""
+    if x.dtype == tl.float64:
+        return tl.full([], -4.4942328371557893e307, tl.float64)
+    else:
+        return tl.full([], -8.507058665963221e37, tl.float32)
+
+
+@triton.jit
+def _target_logits_member(values, valid, count, scale, mean, sum_sq, varies, eps, tau,
                           TARGET: tl.constexpr):
-    """phi_k of the spec's target table, / tau, from the group's count, mean reward and
-    sum of squared deviations; 0 for invalid members and constant groups (``varies``
-    is the exact max != min test: a float mean/std is not exactly the value when eps=0)."""
-    centered = tl.where(valid, values - mean, 0.0)
+    """phi_k of the spec's target table, / tau, from the group's count, value scale (a
+    power of two, ``_pow2_scale``), mean and sum of squared deviations of values / scale
+    (reference.target_logits: no overflow or underflow at any reward scale); 0 for
+    invalid members and constant groups (``varies`` is the exact max != min test: a float
+    mean/std is not exactly the value when eps=0)."""
+    centered = tl.where(valid, values / scale - mean, 0.0)
     if TARGET == "grpo":
-        denom = tl.sqrt(sum_sq / tl.maximum(count - 1.0, 1.0)) + eps
+        denom = tl.sqrt(sum_sq / tl.maximum(count - 1.0, 1.0)) + eps / scale
         phi = centered / tl.where(denom > 0, denom, 1.0)
     elif TARGET == "dr_grpo":
-        phi = centered
+        phi = centered * scale
     elif TARGET == "rloo":
-        phi = centered * (count / tl.maximum(count - 1.0, 1.0))
+        phi = centered * scale * (count / tl.maximum(count - 1.0, 1.0))
     elif TARGET == "maxrl":
-        denom = mean + eps
+        denom = mean + eps / scale
         phi = centered / tl.where(denom > 0, denom, 1.0)
     else:  # "softmax" (rewards) and "advantages": the values themselves
         phi = tl.where(valid, values, 0.0)
-    return tl.where(valid, tl.where(varies, phi / tau, 0.0), 0.0)
+    return tl.where(valid, tl.where(varies, _saturate_logits(phi / tau), 0.0), 0.0)
 
 
 @triton.jit
@@ -197,12 +257,42 @@ def _probabilities(log_p, log_w, valid):
 
 
 @triton.jit
-def _coupling_member(p, w, lp, lw, valid, alpha, DIVERGENCE: tl.constexpr):
-    """x_k whose group sum S enters c_k = P_k (f_k - sum_j P_j f_j) (0 for forward KL)."""
+def _expm1_series(x):
+    """expm1(x) for |x| < reference.EXPM1_SERIES_BELOW (1/4) to fp64 precision (0.25**12 /
+    13! < 1e-17): Taylor in Horner form (tl has no expm1, and exp(x) - 1 cancels)."""
+    r = x * 0.0 + 1.0
+    for i in tl.static_range(12):
+        r = 1.0 + x * r / (13 - i)
+    return x * r
+
+
+@triton.jit
+def _alpha_parts(p, w, lp, lw, valid, alpha, alpha_g):
+    """reference.alpha_parts (the alpha divergence, exact as alpha -> 0 or 1): returns
+    (base, gap = e - base, this member's term of D). ``alpha_g`` = min(alpha, 1 - alpha),
+    computed in double on the host."""
+    p_form = alpha <= 0.5
+    base = tl.where(p_form, p, w)
+    other = tl.where(p_form, w, p)
+    log_base = tl.where(p_form, lp, lw)
+    log_other = tl.where(p_form, lw, lp)
+    x = alpha_g * (log_other - log_base)
+    e = tl.exp((1.0 - alpha_g) * log_base + alpha_g * log_other)
+    small = tl.abs(x) < 0.25
+    gap = tl.where(small, base * _expm1_series(tl.where(small, x, 0.0)), e - base)
+    gap = tl.where(valid, gap, 0.0)
+    terms = ((other - base) - gap / alpha_g) / (1.0 - alpha_g)
+    return base, gap, terms
+
+
+@triton.jit
+def _coupling_member(p, w, lp, lw, valid, alpha, alpha_g, DIVERGENCE: tl.constexpr):
+    """x_k whose group sum S enters c_k = P_k (f_k - sum_j P_j f_j) (0 for forward KL;
+    for alpha, e_k - base_k, whose sum is sum_j e_j - 1)."""
     if DIVERGENCE == "reverse_kl":
         x = p * (lp - lw)
     elif DIVERGENCE == "alpha":
-        x = tl.exp(alpha * lw + (1 - alpha) * lp)  # w^a p^(1-a) <= 1
+        base, x, terms = _alpha_parts(p, w, lp, lw, valid, alpha, alpha_g)
     elif DIVERGENCE == "js":
         hi = tl.maximum(lp, lw)
         log_m = hi + tl.log(tl.exp(lp - hi) + tl.exp(lw - hi)) - 0.6931471805599453
@@ -213,7 +303,7 @@ def _coupling_member(p, w, lp, lw, valid, alpha, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def _divergence_member(p, w, lp, lw, valid, coupling, alpha, DIVERGENCE: tl.constexpr):
+def _divergence_member(p, w, lp, lw, valid, coupling, alpha, alpha_g, DIVERGENCE: tl.constexpr):
     """(this member's term of D(w* || P), c_k = dD/ds_k), in the reference's
     overflow-free forms; ``coupling`` is the group sum of _coupling_member."""
     if DIVERGENCE == "forward_kl":
@@ -224,9 +314,8 @@ def _divergence_member(p, w, lp, lw, valid, coupling, alpha, DIVERGENCE: tl.cons
         terms = p * d
         coef = p * (d - coupling)
     elif DIVERGENCE == "alpha":
-        e = tl.where(valid, tl.exp(alpha * lw + (1 - alpha) * lp), 0.0)
-        terms = (e - alpha * w - (1 - alpha) * p) / (alpha * (alpha - 1))
-        coef = -(e - p * coupling) / alpha
+        base, gap, terms = _alpha_parts(p, w, lp, lw, valid, alpha, alpha_g)
+        coef = -((base - p) + gap - p * coupling) / alpha
     else:  # "js"
         hi = tl.maximum(lp, lw)
         log_m = hi + tl.log(tl.exp(lp - hi) + tl.exp(lw - hi)) - 0.6931471805599453
@@ -238,7 +327,7 @@ def _divergence_member(p, w, lp, lw, valid, coupling, alpha, DIVERGENCE: tl.cons
 @triton.jit
 def _listwise_groups_kernel(
     logp_ptr, old_ptr, mask_ptr, values_ptr, cu_ptr, grad_ptr, group_loss_ptr, partials_ptr,
-    T, K, low, high, alpha, tau, eps,
+    T, K, n_seqs, n_tokens, low, high, alpha, alpha_g, tau, eps,
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr,
     TARGET: tl.constexpr, DIVERGENCE: tl.constexpr, SEQ_REDUCE: tl.constexpr,
     CLIP: tl.constexpr, N_PARTIALS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -248,12 +337,14 @@ def _listwise_groups_kernel(
     # Scalars arrive as fp32 from eager launches but may arrive as fp64 under inductor:
     # pin them to the compute dtype so loop-carried values keep one type.
     low, high = tl.cast(low, DTYPE), tl.cast(high, DTYPE)
-    alpha, tau, eps = tl.cast(alpha, DTYPE), tl.cast(tau, DTYPE), tl.cast(eps, DTYPE)
+    alpha, alpha_g = tl.cast(alpha, DTYPE), tl.cast(alpha_g, DTYPE)
+    tau, eps = tl.cast(tau, DTYPE), tl.cast(eps, DTYPE)
     group = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     row_ok = k < K
     rows = group.to(tl.int64) * K + k
-    starts, lengths, max_len = _row_extents(rows, row_ok, cu_ptr, T, PACKED)
+    starts, lengths, max_len, bad_offsets = _row_extents(rows, row_ok, cu_ptr, T, n_seqs,
+                                                         n_tokens, PACKED)
 
     # pass 1: sequence scores
     summed, n_tok = _row_token_sums(logp_ptr, old_ptr, mask_ptr, starts, lengths, max_len,
@@ -268,11 +359,14 @@ def _listwise_groups_kernel(
     # the group, in registers
     values = tl.load(values_ptr + rows, mask=row_ok, other=0.0).to(DTYPE)
     count = tl.sum(valid.to(DTYPE), axis=0)
-    mean = tl.sum(tl.where(valid, values, 0.0), axis=0) / tl.maximum(count, 1.0)
-    sum_sq = tl.sum(tl.where(valid, (values - mean) * (values - mean), 0.0), axis=0)
+    scale = _pow2_scale(tl.max(tl.where(valid, tl.abs(values), 0.0), axis=0))
+    x = tl.where(valid, values / scale, 0.0)
+    mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
+    sum_sq = tl.sum(tl.where(valid, (x - mean) * (x - mean), 0.0), axis=0)
     varies = (tl.max(tl.where(valid, values, float("-inf")), axis=0)
               != tl.min(tl.where(valid, values, float("inf")), axis=0))
-    phi = _target_logits_member(values, valid, count, mean, sum_sq, varies, eps, tau, TARGET)
+    phi = _target_logits_member(values, valid, count, scale, mean, sum_sq, varies, eps, tau,
+                                TARGET)
     score_max = tl.max(tl.where(valid, scores, float("-inf")), axis=0)
     log_p = _log_softmax_member(scores, valid, score_max,
                                 tl.sum(_shifted_exp(scores, valid, score_max), axis=0))
@@ -280,8 +374,8 @@ def _listwise_groups_kernel(
     log_w = _log_softmax_member(phi, valid, phi_max,
                                 tl.sum(_shifted_exp(phi, valid, phi_max), axis=0))
     p, w, lp, lw = _probabilities(log_p, log_w, valid)
-    coupling = tl.sum(_coupling_member(p, w, lp, lw, valid, alpha, DIVERGENCE), axis=0)
-    terms, coef = _divergence_member(p, w, lp, lw, valid, coupling, alpha, DIVERGENCE)
+    coupling = tl.sum(_coupling_member(p, w, lp, lw, valid, alpha, alpha_g, DIVERGENCE), axis=0)
+    terms, coef = _divergence_member(p, w, lp, lw, valid, coupling, alpha, alpha_g, DIVERGENCE)
     divergence = tl.sum(terms, axis=0)
     seq_scale = tl.where(valid, coef / length, 0.0)
 
@@ -289,6 +383,9 @@ def _listwise_groups_kernel(
     n_counted, n_low, n_high, n_any = _write_token_grad(
         grad_ptr, logp_ptr, old_ptr, mask_ptr, starts, lengths, max_len, seq_scale, coef,
         low, high, DTYPE, HAS_OLD, HAS_MASK, CLIP, BLOCK_K, BLOCK_T)
+    if PACKED:
+        if group == 0:
+            _zero_outside_sequences(grad_ptr, cu_ptr, n_seqs, n_tokens, BLOCK_T)
 
     tl.store(group_loss_ptr + group, divergence)
     entropy_p = -tl.sum(p * lp, axis=0)
@@ -301,16 +398,17 @@ def _listwise_groups_kernel(
     tl.store(row + 3, tl.sum(tl.abs(coef), axis=0).to(tl.float64))
     tl.store(row + 4, n_valid)
     tl.store(row + 5, tl.where(n_valid > 0, 1.0, 0.0).to(tl.float64))
-    _store_token_counts(row, n_counted, n_low, n_high, n_any)
+    _store_token_counts(row, n_counted, n_low, n_high, n_any, bad_offsets)
 
 
 @triton.jit
-def _store_token_counts(row, n_counted, n_low, n_high, n_any):
-    """Columns 6..9 of a partials row."""
+def _store_token_counts(row, n_counted, n_low, n_high, n_any, bad_offsets):
+    """Columns 6..10 of a partials row."""
     tl.store(row + 6, tl.sum(n_counted, axis=0).to(tl.float64))
     tl.store(row + 7, tl.sum(n_low, axis=0).to(tl.float64))
     tl.store(row + 8, tl.sum(n_high, axis=0).to(tl.float64))
     tl.store(row + 9, tl.sum(n_any, axis=0).to(tl.float64))
+    tl.store(row + 10, tl.sum(bad_offsets, axis=0).to(tl.float64))
 
 
 @triton.jit
@@ -334,7 +432,7 @@ def _load_members(pos, end, order_ptr, summed_ptr, n_tok_ptr, values_ptr,
 @triton.jit
 def _segmented_groups_kernel(
     sorted_ids_ptr, order_ptr, ends_ptr, summed_ptr, n_tok_ptr, values_ptr, seq_scale_ptr,
-    coef_ptr, group_loss_ptr, partials_ptr, alpha, tau, eps,
+    coef_ptr, group_loss_ptr, partials_ptr, alpha, alpha_g, tau, eps,
     TARGET: tl.constexpr, DIVERGENCE: tl.constexpr,
     SEQ_REDUCE: tl.constexpr, N_PARTIALS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -343,16 +441,16 @@ def _segmented_groups_kernel(
     any size: members are visited in chunks of BLOCK_K, a pass per group statistic the
     per-member formulas need (passes re-read the per-sequence scalars, not the tokens)."""
     DTYPE = summed_ptr.dtype.element_ty  # the compute dtype (fp32, or fp64 for fp64 inputs)
-    alpha, tau, eps = tl.cast(alpha, DTYPE), tl.cast(tau, DTYPE), tl.cast(eps, DTYPE)
+    alpha, alpha_g = tl.cast(alpha, DTYPE), tl.cast(alpha_g, DTYPE)
+    tau, eps = tl.cast(tau, DTYPE), tl.cast(eps, DTYPE)
     start = tl.program_id(0).to(tl.int64)
     previous = tl.load(sorted_ids_ptr + tl.maximum(start - 1, 0))
     is_start = tl.where(start > 0, previous != tl.load(sorted_ids_ptr + start), start == 0)
     end = tl.where(is_start, tl.load(ends_ptr + start), start)  # empty range if no group
     k = tl.arange(0, BLOCK_K)
 
-    # pass A: count, mean/max/min of the values, max score
+    # pass A: count, max/min of the values, max score
     count_acc = tl.zeros([BLOCK_K], dtype=DTYPE)
-    value_acc = tl.zeros([BLOCK_K], dtype=DTYPE)
     value_max = tl.full([BLOCK_K], float("-inf"), dtype=DTYPE)
     value_min = tl.full([BLOCK_K], float("inf"), dtype=DTYPE)
     score_max = tl.full([BLOCK_K], float("-inf"), dtype=DTYPE)
@@ -360,39 +458,51 @@ def _segmented_groups_kernel(
         seq, valid, scores, length, values = _load_members(
             c + k, end, order_ptr, summed_ptr, n_tok_ptr, values_ptr, DTYPE, SEQ_REDUCE)
         count_acc += valid.to(DTYPE)
-        value_acc += tl.where(valid, values, 0.0)
         value_max = tl.maximum(value_max, tl.where(valid, values, float("-inf")))
         value_min = tl.minimum(value_min, tl.where(valid, values, float("inf")))
         score_max = tl.maximum(score_max, tl.where(valid, scores, float("-inf")))
     count = tl.sum(count_acc, axis=0)
-    mean = tl.sum(value_acc, axis=0) / tl.maximum(count, 1.0)
-    varies = tl.max(value_max, axis=0) != tl.min(value_min, axis=0)
+    v_max, v_min = tl.max(value_max, axis=0), tl.min(value_min, axis=0)
+    varies = v_max != v_min
+    # values / scale (a power of two near the largest |value|) neither over- nor underflow
+    scale = _pow2_scale(tl.where(count > 0, tl.maximum(tl.abs(v_max), tl.abs(v_min)), 0.0))
     s_max = tl.max(score_max, axis=0)
 
-    # pass B: squared deviations, softmax normaliser of the scores
-    sq_acc = tl.zeros([BLOCK_K], dtype=DTYPE)
+    # pass B: mean of values / scale, softmax normaliser of the scores
+    value_acc = tl.zeros([BLOCK_K], dtype=DTYPE)
     exp_acc = tl.zeros([BLOCK_K], dtype=DTYPE)
     for c in range(start, end, BLOCK_K):
         seq, valid, scores, length, values = _load_members(
             c + k, end, order_ptr, summed_ptr, n_tok_ptr, values_ptr, DTYPE, SEQ_REDUCE)
-        sq_acc += tl.where(valid, (values - mean) * (values - mean), 0.0)
+        value_acc += tl.where(valid, values / scale, 0.0)
         exp_acc += _shifted_exp(scores, valid, s_max)
-    sum_sq = tl.sum(sq_acc, axis=0)
+    mean = tl.sum(value_acc, axis=0) / tl.maximum(count, 1.0)
     s_sum_exp = tl.sum(exp_acc, axis=0)
+
+    # pass B2: squared deviations of values / scale
+    sq_acc = tl.zeros([BLOCK_K], dtype=DTYPE)
+    for c in range(start, end, BLOCK_K):
+        seq, valid, scores, length, values = _load_members(
+            c + k, end, order_ptr, summed_ptr, n_tok_ptr, values_ptr, DTYPE, SEQ_REDUCE)
+        x = tl.where(valid, values / scale - mean, 0.0)
+        sq_acc += x * x
+    sum_sq = tl.sum(sq_acc, axis=0)
 
     # pass C: max target logit; pass D: its softmax normaliser
     phi_acc = tl.full([BLOCK_K], float("-inf"), dtype=DTYPE)
     for c in range(start, end, BLOCK_K):
         seq, valid, scores, length, values = _load_members(
             c + k, end, order_ptr, summed_ptr, n_tok_ptr, values_ptr, DTYPE, SEQ_REDUCE)
-        phi = _target_logits_member(values, valid, count, mean, sum_sq, varies, eps, tau, TARGET)
+        phi = _target_logits_member(values, valid, count, scale, mean, sum_sq, varies, eps, tau,
+                                    TARGET)
         phi_acc = tl.maximum(phi_acc, tl.where(valid, phi, float("-inf")))
     phi_max = tl.max(phi_acc, axis=0)
     exp_acc = tl.zeros([BLOCK_K], dtype=DTYPE)
     for c in range(start, end, BLOCK_K):
         seq, valid, scores, length, values = _load_members(
             c + k, end, order_ptr, summed_ptr, n_tok_ptr, values_ptr, DTYPE, SEQ_REDUCE)
-        phi = _target_logits_member(values, valid, count, mean, sum_sq, varies, eps, tau, TARGET)
+        phi = _target_logits_member(values, valid, count, scale, mean, sum_sq, varies, eps, tau,
+                                    TARGET)
         exp_acc += _shifted_exp(phi, valid, phi_max)
     phi_sum_exp = tl.sum(exp_acc, axis=0)
 
@@ -403,10 +513,11 @@ def _segmented_groups_kernel(
     for c in range(start, end, BLOCK_K):
         seq, valid, scores, length, values = _load_members(
             c + k, end, order_ptr, summed_ptr, n_tok_ptr, values_ptr, DTYPE, SEQ_REDUCE)
-        phi = _target_logits_member(values, valid, count, mean, sum_sq, varies, eps, tau, TARGET)
+        phi = _target_logits_member(values, valid, count, scale, mean, sum_sq, varies, eps, tau,
+                                    TARGET)
         p, w, lp, lw = _probabilities(_log_softmax_member(scores, valid, s_max, s_sum_exp),
                                       _log_softmax_member(phi, valid, phi_max, phi_sum_exp), valid)
-        coupling_acc += _coupling_member(p, w, lp, lw, valid, alpha, DIVERGENCE)
+        coupling_acc += _coupling_member(p, w, lp, lw, valid, alpha, alpha_g, DIVERGENCE)
         entropy_p_acc -= p * lp
         entropy_w_acc -= w * lw
     coupling = tl.sum(coupling_acc, axis=0)
@@ -417,10 +528,12 @@ def _segmented_groups_kernel(
     for c in range(start, end, BLOCK_K):
         seq, valid, scores, length, values = _load_members(
             c + k, end, order_ptr, summed_ptr, n_tok_ptr, values_ptr, DTYPE, SEQ_REDUCE)
-        phi = _target_logits_member(values, valid, count, mean, sum_sq, varies, eps, tau, TARGET)
+        phi = _target_logits_member(values, valid, count, scale, mean, sum_sq, varies, eps, tau,
+                                    TARGET)
         p, w, lp, lw = _probabilities(_log_softmax_member(scores, valid, s_max, s_sum_exp),
                                       _log_softmax_member(phi, valid, phi_max, phi_sum_exp), valid)
-        terms, coef = _divergence_member(p, w, lp, lw, valid, coupling, alpha, DIVERGENCE)
+        terms, coef = _divergence_member(p, w, lp, lw, valid, coupling, alpha, alpha_g,
+                                         DIVERGENCE)
         terms_acc += terms
         abs_coef_acc += tl.abs(coef)
         in_group = (c + k) < end
@@ -437,12 +550,12 @@ def _segmented_groups_kernel(
     tl.store(row + 4, count.to(tl.float64))
     tl.store(row + 5, tl.where(count > 0, 1.0, 0.0).to(tl.float64))
     zero = tl.zeros([BLOCK_K], dtype=tl.int32)
-    _store_token_counts(row, zero, zero, zero, zero)
+    _store_token_counts(row, zero, zero, zero, zero, zero)
 
 
 @triton.jit
 def _sequence_sums_kernel(
-    logp_ptr, old_ptr, mask_ptr, cu_ptr, summed_ptr, n_tok_ptr, n_seqs, T,
+    logp_ptr, old_ptr, mask_ptr, cu_ptr, summed_ptr, n_tok_ptr, n_seqs, T, n_tokens,
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -450,7 +563,8 @@ def _sequence_sums_kernel(
     DTYPE = summed_ptr.dtype.element_ty  # the compute dtype (fp32, or fp64 for fp64 inputs)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < n_seqs
-    starts, lengths, max_len = _row_extents(rows, row_ok, cu_ptr, T, PACKED)
+    starts, lengths, max_len, _ = _row_extents(rows, row_ok, cu_ptr, T, n_seqs, n_tokens,
+                                               PACKED)
     summed, n_tok = _row_token_sums(logp_ptr, old_ptr, mask_ptr, starts, lengths, max_len,
                                     DTYPE, HAS_OLD, HAS_MASK, BLOCK_S, BLOCK_T)
     tl.store(summed_ptr + rows, summed, mask=row_ok)
@@ -460,7 +574,7 @@ def _sequence_sums_kernel(
 @triton.jit
 def _sequence_grad_kernel(
     logp_ptr, old_ptr, mask_ptr, cu_ptr, seq_scale_ptr, coef_ptr, grad_ptr, partials_ptr,
-    n_seqs, T, low, high,
+    n_seqs, T, n_tokens, low, high,
     PACKED: tl.constexpr, HAS_OLD: tl.constexpr, HAS_MASK: tl.constexpr,
     CLIP: tl.constexpr, N_PARTIALS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -470,16 +584,20 @@ def _sequence_grad_kernel(
     block = tl.program_id(0)
     rows = block.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < n_seqs
-    starts, lengths, max_len = _row_extents(rows, row_ok, cu_ptr, T, PACKED)
+    starts, lengths, max_len, bad_offsets = _row_extents(rows, row_ok, cu_ptr, T, n_seqs,
+                                                         n_tokens, PACKED)
     seq_scale = tl.load(seq_scale_ptr + rows, mask=row_ok, other=0.0)
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
     n_counted, n_low, n_high, n_any = _write_token_grad(
         grad_ptr, logp_ptr, old_ptr, mask_ptr, starts, lengths, max_len, seq_scale, coef,
         low, high, DTYPE, HAS_OLD, HAS_MASK, CLIP, BLOCK_S, BLOCK_T)
+    if PACKED:
+        if block == 0:
+            _zero_outside_sequences(grad_ptr, cu_ptr, n_seqs, n_tokens, BLOCK_T)
     row = partials_ptr + (n_seqs + block.to(tl.int64)) * N_PARTIALS  # after the group rows
     for column in tl.static_range(6):  # the group columns belong to the group kernel
         tl.store(row + column, 0.0)
-    _store_token_counts(row, n_counted, n_low, n_high, n_any)
+    _store_token_counts(row, n_counted, n_low, n_high, n_any, bad_offsets)
 
 
 @triton.jit
@@ -489,7 +607,7 @@ def _finalize_kernel(partials_ptr, n_rows, float_out_ptr, int_out_ptr,
     """One program: column sums of the partials (fp64, fixed order: deterministic) ->
     float_out = [loss, grad_scale, divergence, listwise_entropy, target_entropy,
     clip_fraction, clip_fraction_low, clip_fraction_high, mean_abs_coef],
-    int_out = [n_groups, n_seqs, n_tokens]."""
+    int_out = [n_groups, n_seqs, n_tokens, malformed cu_seqlens offsets]."""
     cols = tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_C], dtype=tl.float64)
     for r0 in range(0, n_rows, BLOCK_R):
@@ -507,6 +625,7 @@ def _finalize_kernel(partials_ptr, n_rows, float_out_ptr, int_out_ptr,
     n_low = tl.sum(tl.where(cols == 7, acc, 0.0), axis=0)
     n_high = tl.sum(tl.where(cols == 8, acc, 0.0), axis=0)
     n_any = tl.sum(tl.where(cols == 9, acc, 0.0), axis=0)
+    bad_offsets = tl.sum(tl.where(cols == 10, acc, 0.0), axis=0)
 
     per_group = 1.0 / tl.maximum(n_groups, 1.0)  # no group left: loss 0, gradient 0
     tokens = tl.maximum(n_tokens, 1.0)
@@ -529,6 +648,7 @@ def _finalize_kernel(partials_ptr, n_rows, float_out_ptr, int_out_ptr,
     tl.store(int_out_ptr + 0, n_groups.to(tl.int64))
     tl.store(int_out_ptr + 1, n_valid.to(tl.int64))
     tl.store(int_out_ptr + 2, n_tokens.to(tl.int64))
+    tl.store(int_out_ptr + 3, bad_offsets.to(tl.int64))
 
 
 # =========================================================================== launchers
@@ -563,7 +683,7 @@ def _layout(logp: Tensor, cu_seqlens: Optional[Tensor]):
 
 def _finalize(partials: Tensor, reduction: str, dtype: torch.dtype, kernel) -> tuple[Tensor, Tensor]:
     float_out = _new((9,), dtype, partials.device)
-    int_out = _new((3,), torch.int64, partials.device)
+    int_out = _new((4,), torch.int64, partials.device)
     kernel(_finalize_kernel)[(1,)](
         partials, partials.shape[0], float_out, int_out, REDUCTION=reduction,
         N_PARTIALS=_N_PARTIALS, BLOCK_R=128, BLOCK_C=16, num_warps=4)
@@ -589,13 +709,22 @@ def _fused_groups_impl(logp: Tensor, old_logp: Optional[Tensor], mask: Optional[
         kernel(_listwise_groups_kernel)[(n_groups,)](
             logp, old_logp if old_logp is not None else logp,
             mask if mask is not None else logp, values, cu, token_grad, group_loss, partials,
-            T, group_size, low, high, alpha, tau, eps,
+            T, group_size, n_seqs, logp.shape[0], low, high, alpha, min(alpha, 1.0 - alpha), tau, eps,
             PACKED=packed, HAS_OLD=old_logp is not None,
             HAS_MASK=mask is not None, TARGET=target, DIVERGENCE=divergence,
             SEQ_REDUCE=seq_reduce, CLIP=clip, N_PARTIALS=_N_PARTIALS,
             BLOCK_K=block_k, BLOCK_T=block_t, num_warps=_warps(block_k * block_t))
     float_out, int_out = _finalize(partials, reduction, dtype, kernel)
+    _no_sequences(token_grad, int_out, cu_seqlens, n_seqs)
     return token_grad, group_loss, float_out, int_out
+
+
+def _no_sequences(token_grad: Tensor, int_out: Tensor, cu_seqlens: Optional[Tensor], n_seqs: int):
+    """Packed tokens but cu_seqlens == [c] (no sequence, no launch): zero gradient, and
+    the malformed-offsets count a kernel would have written (decided from shapes)."""
+    if cu_seqlens is not None and n_seqs == 0:
+        token_grad.zero_()
+        int_out[3] = malformed_offsets(cu_seqlens, token_grad.shape[0])
 
 
 def _general_impl(logp: Tensor, old_logp: Optional[Tensor], mask: Optional[Tensor],
@@ -628,21 +757,22 @@ def _general_impl(logp: Tensor, old_logp: Optional[Tensor], mask: Optional[Tenso
     mask_arg = mask if has_mask else logp
     if n_seqs > 0:
         kernel(_sequence_sums_kernel)[(n_blocks,)](
-            logp, old_arg, mask_arg, cu, summed, n_tok, n_seqs, T,
+            logp, old_arg, mask_arg, cu, summed, n_tok, n_seqs, T, logp.shape[0],
             PACKED=packed, HAS_OLD=has_old, HAS_MASK=has_mask,
             BLOCK_S=block_s, BLOCK_T=block_t, num_warps=_warps(block_s * block_t))
         kernel(_segmented_groups_kernel)[(n_seqs,)](
             sorted_ids, order, ends, summed, n_tok, values, seq_scale, coef, group_loss,
-            partials, alpha, tau, eps,
+            partials, alpha, min(alpha, 1.0 - alpha), tau, eps,
             TARGET=target, DIVERGENCE=divergence,
             SEQ_REDUCE=seq_reduce, N_PARTIALS=_N_PARTIALS, BLOCK_K=16, num_warps=1)
         kernel(_sequence_grad_kernel)[(n_blocks,)](
             logp, old_arg, mask_arg, cu, seq_scale, coef, token_grad, partials,
-            n_seqs, T, low, high,
+            n_seqs, T, logp.shape[0], low, high,
             PACKED=packed, HAS_OLD=has_old, HAS_MASK=has_mask,
             CLIP=clip, N_PARTIALS=_N_PARTIALS, BLOCK_S=block_s, BLOCK_T=block_t,
             num_warps=_warps(block_s * block_t))
     float_out, int_out = _finalize(partials, reduction, dtype, kernel)
+    _no_sequences(token_grad, int_out, cu_seqlens, n_seqs)
     return token_grad, group_loss, sorted_ids, float_out, int_out
 
 
@@ -710,7 +840,7 @@ def _stats(float_out: Tensor, int_out: Tensor) -> LPOStats:
     return LPOStats(
         divergence=f[2], listwise_entropy=f[3], target_entropy=f[4], clip_fraction=f[5],
         clip_fraction_low=f[6], clip_fraction_high=f[7], mean_abs_coef=f[8],
-        n_groups=i[0], n_seqs=i[1], n_tokens=i[2])
+        n_groups=i[0], n_seqs=i[1], n_tokens=i[2], cu_seqlens_errors=i[3])
 
 
 def _contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
