@@ -820,9 +820,11 @@ _OPS = _register_ops()
 _IMPLS = {"fused_groups": _fused_groups_impl, "general": _general_impl}
 
 
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # looked up once
+
+
 def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
+    return bool(_IS_COMPILING and _IS_COMPILING())
 
 
 def _op(name: str):
