@@ -675,11 +675,13 @@ def fused_linear_lpo_group_stats(hidden, weight, target_ids, mask, group_ids, re
                                  cu_seqlens=None, target="grpo", seq_reduce="mean",
                                  chunk_tokens=None, backend="auto", validate=None, softcap=None,
                                  logit_scale=1.0, tp_group=None, vocab_start=None) -> LPOGroupStats:
-    """:func:`lpo_group_stats` from hidden states (one no-grad log-prob pass)."""
+    """:func:`lpo_group_stats` from hidden states (one no-grad log-prob pass; on padded
+    input over the counted tokens only, ``padding_free.py``)."""
+    real_only = cu_seqlens is None and padding_free.eligible(hidden, mask, exact=(target_ids,))
     logp = fused_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
                                  chunk_tokens=chunk_tokens, backend=backend, softcap=softcap,
                                  logit_scale=logit_scale, tp_group=tp_group,
-                                 vocab_start=vocab_start)
+                                 vocab_start=vocab_start, mask=mask if real_only else None)
     return lpo_group_stats(logp, old_logp, mask, group_ids, rewards, advantages,
                            cu_seqlens=cu_seqlens, target=target, seq_reduce=seq_reduce,
                            validate=validate)

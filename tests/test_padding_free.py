@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lpo_kernels import padding_free, reference
 from lpo_kernels.fused_linear import (fused_linear_grpo_loss, fused_linear_logprobs,
-                                      fused_linear_lpo_loss)
+                                      fused_linear_lpo_group_stats, fused_linear_lpo_loss)
 
 from .utils import assert_close
 
@@ -82,6 +82,8 @@ def _backward(loss, leaves):
     ("lpo", 8, dict(mode="low_memory", chunk_tokens=40)),
     ("grpo", 6, dict(chunk_tokens=40)),
     ("logprobs", 8, dict(chunk_tokens=40)),
+    ("grpo", 8, dict(chunk_tokens=40, top_entropy_quantile=0.5)),  # + the entropy pass
+    ("group_stats", 2, dict(chunk_tokens=40)),  # no-grad log-prob pass only
 ])
 def test_gemm_work_follows_the_real_tokens(head, factor, kw):
     c = _case(dtype=torch.float32)
@@ -90,6 +92,10 @@ def test_gemm_work_follows_the_real_tokens(head, factor, kw):
 
     def run():
         leaves = _leaves(c)
+        if head == "group_stats":
+            fused_linear_lpo_group_stats(leaves[0], leaves[1], c["target_ids"], c["mask"],
+                                         c["group_ids"], c["rewards"], backend="torch", **kw)
+            return
         if head == "logprobs":
             logp = fused_linear_logprobs(leaves[0], leaves[1], c["target_ids"], bias=leaves[2],
                                          mask=c["mask"], backend="torch", **kw)
@@ -255,3 +261,22 @@ def test_one_host_read_per_call(monkeypatch):
                                         group_size=G, bias=b, backend="torch", validate=False,
                                         mode=mode, chunk_tokens=40)
         assert reads == ["tolist"], (mode, reads)
+
+
+def test_group_stats_pass_skips_padding(monkeypatch):
+    """The no-grad pre-pass of split groups: the padding-free pass (NaN padding) gives the
+    records of the unchanged padded pass (finite padding)."""
+    c = _case(seed=7)
+    kw = dict(old_logp=c["old_logp"], backend="torch", chunk_tokens=24)
+    got = fused_linear_lpo_group_stats(c["hidden"], c["weight"], c["target_ids"], c["mask"],
+                                       c["group_ids"], c["rewards"], **kw)
+    monkeypatch.setattr(padding_free, "compaction", lambda mask, shape: None)
+    want = fused_linear_lpo_group_stats(c["hidden"].nan_to_num(0.0), c["weight"],
+                                        c["target_ids"].clamp(min=0), c["mask"], c["group_ids"],
+                                        c["rewards"], **kw)
+    compared = 0
+    for field, a in vars(got).items():
+        if isinstance(a, torch.Tensor):
+            assert_close(a, getattr(want, field), atol=1e-12, rtol=1e-10, name=field)
+            compared += 1
+    assert compared >= 3
