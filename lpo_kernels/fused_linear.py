@@ -624,7 +624,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                          grad_flat[chunk.tokens])
             grads.add_chunk(logits, head, chunk.tokens)
         w_dtype = head.weight.dtype
-        return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, -1),
+        return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, grads.hidden.shape[-1]),
                 None if grads.weight is None else grads.weight.to(w_dtype),
                 None if grads.bias is None else grads.bias.to(w_dtype), None, None, None, None, None)
 

@@ -280,3 +280,22 @@ def test_group_stats_pass_skips_padding(monkeypatch):
             assert_close(a, getattr(want, field), atol=1e-12, rtol=1e-10, name=field)
             compared += 1
     assert compared >= 3
+
+
+def test_every_token_masked():
+    """N_real = 0: zero loss and log-probs, finite zero gradients, no GEMM over padding."""
+    c = _case(seed=8)
+    c["mask"] = torch.zeros(B, T, dtype=torch.bool)
+    runs = {
+        "fast": lambda l: _lpo(c, l, mode="fast")[0],
+        "low_memory": lambda l: _lpo(c, l, mode="low_memory")[0],
+        "grpo": lambda l: _grpo(c, l)[0],
+        "logprobs": lambda l: fused_linear_logprobs(l[0], l[1], c["target_ids"], bias=l[2],
+                                                    mask=c["mask"], backend="torch").sum(),
+    }
+    for name, run in runs.items():
+        leaves = _leaves(c)
+        flops = _gemm_flops(lambda: run(leaves).backward())
+        assert flops == 0, name
+        for g in (leaves[0].grad, leaves[1].grad):
+            assert g is not None and bool((g == 0).all()), name
