@@ -69,8 +69,8 @@ def measure(case, device="meta", calls=400, backward=False):
     def call():
         loss, stats = lpo_loss(logp, old, mask, None if with_size else ids, rewards,
                                backend="triton", validate=False, **kw)
-        if backward:
-            loss.backward()
+        if backward:  # on meta/CPU tensors the backward is plain torch (no Triton launch)
+            torch.autograd.grad(loss, [logp])
         return loss
 
     with stubbed_launches() as launches:
@@ -92,15 +92,24 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="meta", choices=("meta", "cpu"))
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--backward", action="store_true",
+                        help="also time forward + backward (use --device cpu: on meta tensors the "
+                             "backward's elementwise ops run Python meta kernels, not representative)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for case in CASES:
         us, launches = measure(case, args.device, args.calls)
-        rows.append(dict(case=case, device=args.device, host_us_median=round(us, 1),
-                         launches=len(launches), kernels=launches))
-        print(f"{case:24s} {args.device}: {us:8.1f} us/call (median of {args.calls}), "
-              f"{len(launches)} launches: {', '.join(launches)}")
+        row = dict(case=case, device=args.device, host_us_median=round(us, 1),
+                   launches=len(launches), kernels=launches)
+        extra = ""
+        if args.backward:
+            us_bwd, _ = measure(case, args.device, args.calls, backward=True)
+            row["host_us_median_with_backward"] = round(us_bwd, 1)
+            extra = f", {us_bwd:8.1f} with backward"
+        rows.append(row)
+        print(f"{case:24s} {args.device}: {us:8.1f} us/call forward{extra} (median of {args.calls}), "
+              f"{len(launches)} forward launches: {', '.join(launches)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
