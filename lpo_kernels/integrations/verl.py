@@ -1,143 +1,218 @@
-"""verl adapter: LPO as verl policy losses (``policy_loss.loss_mode=lpo_fwd`` ...).
+"""verl adapter: LPO as verl policy losses (``policy_loss.loss_mode=lpo_fwd`` ...), exact
+under verl 0.9.1's defaults.
 
-verl calls a policy loss as (``verl/workers/utils/losses.py`` ``ppo_loss``, verl 0.9)::
+Setup: ``actor_rollout_ref.model.external_lib=lpo_kernels.integrations.verl`` (verl imports
+it in every worker) and ``actor_rollout_ref.actor.policy_loss.loss_mode=lpo_fwd`` (or
+``lpo_rev``, ``lpo_js``, ``lpo_alpha``). Importing this module registers the losses in
+verl's policy-loss registry and installs the mini-batch pre-pass
+(:mod:`.verl_minibatch`): group identity comes from verl's ``uid``, rewards from
+``token_level_rewards``, and groups that verl spreads over micro-batches and ranks
+(balancing, ``use_dynamic_bsz``, shuffling) are finished exactly with group-stats records.
+Importing it never needs verl.
 
-    pg_loss, pg_metrics = policy_loss_fn(old_log_prob=..., log_prob=..., advantages=...,
-        response_mask=..., loss_agg_mode=..., config=actor_config, rollout_is_weights=...)
+Options (verl's ``PolicyLossConfig`` is a closed dataclass, so they cannot be config keys):
+the environment variable ``LPO_VERL_OPTIONS="target=rloo,tau=1.0,clip=ppo"`` (set it for
+the workers, e.g. ``+ray_kwargs.ray_init.runtime_env.env_vars.LPO_VERL_OPTIONS=...``), or
+:func:`set_lpo_options` in your own ``external_lib`` module. Known: ``target``
+(default ``advantages``: verl's advantages, ``phi = A / tau``), ``alpha``, ``tau``,
+``eps``, ``clip``. From verl's own config: ``clip_ratio_low``/``clip_ratio_high`` (LPO's
+clip bounds), ``loss_agg_mode`` (``seq-mean-token-mean`` -> ``seq_reduce='mean'``,
+``seq-mean-token-sum`` -> ``'sum'``; others refused), ``clip_ratio_c`` (dual clip, below).
 
-with padded ``[B, R]`` tensors and token-level advantages. The loss functions here have that
-signature (``PolicyLossFn``), and are registered under ``lpo_fwd`` (forward KL), ``lpo_rev``
-(reverse KL), ``lpo_js`` and ``lpo_alpha`` when verl imports; importing this module never
-needs verl. Put ``actor_rollout_ref.model.external_lib=lpo_kernels.integrations.verl`` in the
-config so verl's workers import (and so register) them.
+Semantics beyond the spec (``shared/docs/lpo-math.md``):
+- ``rollout_is_weights`` (verl's rollout correction): per-token importance weights on LPO's
+  token gradient, ``dL/dlogp[k,t] = w_is[k,t] * c_k * gate / N_k / G``, as verl's vanilla
+  loss weights each token's term; scores, ``P`` and the target stay unweighted.
+- ``clip_ratio_c`` (verl's dual clip): a token of a response that LPO pushes down
+  (``c_k > 0``) whose ratio exceeds ``clip_ratio_c`` gets no gradient, as dual-clip PPO
+  does for negative advantages.
+- Loss value: the mean over the mini-batch's groups of the divergence; verl's summed
+  micro-batch losses and data-parallel average report exactly that number.
 
-Groups. A listwise loss needs each response's group and, for reward-based targets, its score:
-- **No patch** (default): rows are consecutive groups of ``config.rollout_n`` and the target
-  is verl's own advantage (``lpo_target="advantages"``: the masked token mean of
-  ``advantages`` per row, ``phi = A / tau``; with ``algorithm.adv_estimator=grpo`` that is
-  LPO's ``grpo`` target). Needs ``trainer.balance_batch=False``,
-  ``actor.use_dynamic_bsz=False``, ``actor.shuffle=False`` and ``ppo_micro_batch_size_per_gpu``
-  a multiple of ``rollout.n`` (micro-batches must hold whole groups, in order).
-- **Patch** (:func:`apply_verl_patch`): the trainer adds ``lpo_group_ids`` (from ``uid``) and
-  ``lpo_scores`` (``token_level_scores`` summed) to the batch before the actor update, and the
-  actor's ``ppo_loss`` hands them to the loss (:func:`lpo_group_context`); then any target
-  works and rows may be in any order, but micro-batches must still hold whole groups.
-
-Aggregation: LPO's loss is a mean over groups; ``loss_agg_mode`` is ignored. With verl's
-``global_batch_info`` (``dp_size``, ``global_batch_size`` in sequences) the micro-batch loss is
-``sum_g D_g * dp_size / (global_batch_size / rollout_n)``, so the summed, data-parallel-averaged
-gradient is the mean over the mini-batch's groups; without it, the local group mean.
+Metrics (verl's names, verl's meanings): ``actor/pg_clipfrac`` share of counted tokens whose
+gradient the clip gate zeroed, ``actor/pg_clipfrac_lower`` share zeroed by the dual clip,
+``actor/ppo_kl`` mean ``old_log_prob - log_prob``; plus ``actor/lpo_*``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import math
+import os
 from typing import Any
 
 import torch
 
-from ..functional import lpo_loss
+from ..group_stats import LPOGroupStats, listwise_forward_with_group_stats
+from ..inputs import check_listwise_inputs
 from ..options import LPOOptions
+from .verl_minibatch import (LPOVerlError, MiniBatchPlan, current_micro_rows, current_plan, install_verl_hook,
+                             minibatch_context)
 
 LOSS_DIVERGENCES = {"lpo_fwd": "forward_kl", "lpo_rev": "reverse_kl", "lpo_js": "js", "lpo_alpha": "alpha"}
+LOSS_AGG_MODES = {"seq-mean-token-mean": "mean", "seq-mean-token-sum": "sum"}
+ENV_OPTIONS = "LPO_VERL_OPTIONS"
 
-# Options not in verl's ActorConfig; override with set_lpo_options() or ``policy_loss.lpo_<name>``.
-DEFAULT_OPTIONS = dict(target="advantages", alpha=0.5, tau=1.0, eps=1e-6, seq_reduce="mean", clip="clamp",
-                       backend="auto")
-_options = dict(DEFAULT_OPTIONS)
-_group_info: contextvars.ContextVar = contextvars.ContextVar("lpo_group_info", default=None)
+DEFAULT_OPTIONS = dict(target="advantages", alpha=0.5, tau=1.0, eps=1e-6, clip="clamp")
+_FLOAT_OPTIONS = {"alpha", "tau", "eps"}
+_options: dict = {}
+
+
+def _check_options(options: dict, source: str) -> None:
+    unknown = set(options) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise ValueError(f"{source}: unknown LPO options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
+    LPOOptions(**{**DEFAULT_OPTIONS, **options})  # raises a ValueError naming a bad value
+
+
+def parse_env_options(text: str) -> dict:
+    """``"target=rloo,tau=0.5"`` -> ``{"target": "rloo", "tau": 0.5}``."""
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ValueError(f"{ENV_OPTIONS}: expected name=value items separated by commas, got {item!r}")
+        options[key] = float(value) if key in _FLOAT_OPTIONS else value
+    _check_options(options, ENV_OPTIONS)
+    return options
 
 
 def set_lpo_options(**options) -> None:
-    """Process-wide LPO options for the verl losses (``target``, ``alpha``, ``tau``, ``eps``,
-    ``seq_reduce``, ``clip``, ``backend``); call it in your ``external_lib`` module."""
-    unknown = set(options) - set(DEFAULT_OPTIONS)
-    if unknown:
-        raise ValueError(f"unknown LPO options {sorted(unknown)}; known: {sorted(DEFAULT_OPTIONS)}")
-    merged = {**_options, **options}
-    LPOOptions(**{k: v for k, v in merged.items() if k != "backend"})  # raises on bad values
+    """Process-wide LPO options for the verl losses (``target``, ``alpha``, ``tau``,
+    ``eps``, ``clip``); they override ``LPO_VERL_OPTIONS``. Call it in your
+    ``external_lib`` module (it runs in every worker)."""
+    _check_options({**_options, **options}, "set_lpo_options")
     _options.update(options)
 
 
-@contextlib.contextmanager
-def lpo_group_context(group_ids: torch.Tensor, scores: torch.Tensor | None = None):
-    """Within this block, the verl LPO losses take group ids (``[B]``) and scores (``[B]``)
-    of the current micro-batch from here (what the patched ``ppo_loss`` does)."""
-    token = _group_info.set((group_ids, scores))
-    try:
-        yield
-    finally:
-        _group_info.reset(token)
+def reset_lpo_options() -> None:
+    _options.clear()
 
 
 def _config_value(config, name: str, default=None):
-    """``config.name`` for verl's ActorConfig (a dataclass with ``get``) or a DictConfig/dict."""
+    """``config.name`` for verl's ActorConfig (a dataclass) or a DictConfig/dict."""
     if config is None:
         return default
-    if isinstance(config, dict):
-        return config.get(name, default)
-    value = getattr(config, name, default)
+    value = config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
     return default if value is None else value
 
 
-def _lpo_option(config, name: str):
-    policy_loss = _config_value(config, "policy_loss")
-    value = _config_value(policy_loss, f"lpo_{name}")
-    return _options[name] if value is None else value
+def resolved_options(loss_agg_mode: str) -> dict:
+    """The LPO options of a call: defaults < ``LPO_VERL_OPTIONS`` < :func:`set_lpo_options`,
+    plus ``seq_reduce`` from verl's ``loss_agg_mode``."""
+    options = {**DEFAULT_OPTIONS, **parse_env_options(os.environ.get(ENV_OPTIONS, "")), **_options}
+    mode = loss_agg_mode
+    if mode not in LOSS_AGG_MODES:
+        raise LPOVerlError(
+            f"actor_rollout_ref.actor.loss_agg_mode={mode!r}: LPO's loss is a mean over groups of a per-response "
+            "divergence, spread over each response's tokens; set actor_rollout_ref.actor.loss_agg_mode="
+            "seq-mean-token-mean (score = token mean of the log-ratio) or seq-mean-token-sum (token sum)")
+    options["seq_reduce"] = LOSS_AGG_MODES[mode]
+    return options
+
+
+def _check_verl_config(config) -> None:
+    batch_info = _config_value(config, "global_batch_info", {}) or {}
+    if batch_info.get("loss_scale_factor") is not None or _config_value(config, "loss_scale_factor") is not None:
+        raise LPOVerlError("actor_rollout_ref.actor.loss_scale_factor: the LPO losses normalise by the number of "
+                           "groups in the mini-batch; leave loss_scale_factor unset (null)")
 
 
 def compute_policy_loss_lpo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                             response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config=None,
                             rollout_is_weights: torch.Tensor | None = None, *, divergence: str = "forward_kl",
-                            group_ids: torch.Tensor | None = None, scores: torch.Tensor | None = None,
                             ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """LPO with verl's ``PolicyLossFn`` signature; returns ``(loss, metrics)`` with verl's
-    metric names (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``) plus
-    ``actor/lpo_*``. ``group_ids``/``scores``: explicit group info (else the context set by
-    :func:`lpo_group_context`, else consecutive groups of ``config.rollout_n``)."""
-    if rollout_is_weights is not None:
-        raise ValueError("rollout_is_weights: the LPO losses do not support rollout correction weights; "
-                         "disable algorithm.rollout_correction")
-    if group_ids is None and _group_info.get() is not None:
-        group_ids, scores = _group_info.get()
-    group_size = None
-    if group_ids is None:
-        group_size = _config_value(config, "rollout_n")
-        if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError("config.rollout_n: without group ids (apply_verl_patch) the LPO losses need "
-                             "rollout_n to find the groups (consecutive rows)")
-    mask = response_mask.to(log_prob.dtype)
-    target = _lpo_option(config, "target")
-    if target != "advantages" and scores is None:
-        raise ValueError(f"lpo target={target!r} needs per-response scores: apply_verl_patch() (or use "
-                         "target='advantages')")
-    clip_ratio = _config_value(config, "clip_ratio", 0.2)
-    # verl broadcasts the sequence advantage over tokens; its masked token mean recovers it.
-    seq_advantages = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-    loss, stats = lpo_loss(
-        log_prob, old_log_prob, mask, group_ids, scores, seq_advantages.detach(), target=target,
-        divergence=divergence, alpha=_lpo_option(config, "alpha"), tau=_lpo_option(config, "tau"),
-        eps=_lpo_option(config, "eps"), seq_reduce=_lpo_option(config, "seq_reduce"),
-        clip=_lpo_option(config, "clip"), clip_eps_low=_config_value(config, "clip_ratio_low", clip_ratio),
-        clip_eps_high=_config_value(config, "clip_ratio_high", clip_ratio), reduction="sum",
-        group_size=group_size, backend=_lpo_option(config, "backend"))
+    """LPO with verl's ``PolicyLossFn`` signature; returns ``(loss, metrics)``.
 
-    batch_info = _config_value(config, "global_batch_info", {}) or {}
-    global_batch_size = batch_info.get("global_batch_size")
-    rollout_n = _config_value(config, "rollout_n")
-    if global_batch_size is not None and isinstance(rollout_n, int):
-        # sum over local groups / groups in the global mini-batch, times dp_size (DP averages grads)
-        loss = loss * (batch_info.get("dp_size", 1) * rollout_n / global_batch_size)
-    else:
-        loss = loss / stats.n_groups.clamp(min=1).to(loss.dtype)
+    Needs the mini-batch plan that the pre-pass sets (inside verl: automatic once this
+    module is imported; by hand: :func:`lpo_minibatch`). The gradient w.r.t. ``log_prob``
+    is that of the whole mini-batch's LPO loss (times the data-parallel size, which verl's
+    gradient average divides out)."""
+    plan, rows = current_plan(), current_micro_rows()
+    if plan is None or rows is None:
+        raise LPOVerlError(
+            "the LPO verl losses were called without the mini-batch pre-pass, so groups split across "
+            "micro-batches or ranks could not be finished exactly. Set actor_rollout_ref.model.external_lib="
+            "lpo_kernels.integrations.verl (it installs the pre-pass in verl's workers), or wrap a direct call "
+            "in lpo_kernels.integrations.verl.lpo_minibatch(...)")
+    _check_verl_config(config)
+    cfg = config
+    options = resolved_options(loss_agg_mode)
+    clip_ratio = _config_value(cfg, "clip_ratio", 0.2)
+    lpo_options = LPOOptions(
+        target=options["target"], divergence=divergence, alpha=options["alpha"], tau=options["tau"],
+        eps=options["eps"], seq_reduce=options["seq_reduce"], clip=options["clip"],
+        clip_eps_low=_config_value(cfg, "clip_ratio_low", clip_ratio),
+        clip_eps_high=_config_value(cfg, "clip_ratio_high", clip_ratio), reduction="mean")
 
-    ppo_kl = ((old_log_prob - log_prob).detach() * mask).sum() / mask.sum().clamp(min=1.0)
-    values = torch.stack([stats.clip_fraction, ppo_kl, stats.clip_fraction_low, stats.divergence,
-                          stats.listwise_entropy, stats.target_entropy, stats.mean_abs_coef]).float().tolist()
+    rows = rows.to(plan.local.group_ids.device)
+    own = LPOGroupStats(plan.local.group_ids[rows], plan.local.scores[rows], plan.local.values[rows],
+                        plan.local.n_tokens[rows])
+    values = own.values.to(log_prob.device)
+    rewards, seq_adv = (None, values) if lpo_options.target == "advantages" else (values, None)
+    mask = response_mask.bool()
+    batch = check_listwise_inputs(log_prob, old_log_prob, mask, own.group_ids.to(log_prob.device), rewards,
+                                  seq_adv, options=lpo_options)
+    with torch.no_grad():
+        result = listwise_forward_with_group_stats(batch, lpo_options, plan.others(rows))
+        token_grad = result.token_grad
+        delta = (log_prob.detach() - old_log_prob).to(token_grad.dtype)
+        clip_ratio_c = _config_value(cfg, "clip_ratio_c", None)
+        dual = torch.zeros_like(mask)
+        if clip_ratio_c is not None:
+            if not clip_ratio_c > 1.0:
+                raise LPOVerlError(f"actor_rollout_ref.actor.clip_ratio_c={clip_ratio_c}: the dual clip needs a "
+                                   "value > 1 (verl's default is 3.0)")
+            dual = mask & (token_grad > 0) & (delta > math.log(clip_ratio_c))
+            token_grad = torch.where(dual, torch.zeros_like(token_grad), token_grad)
+        if rollout_is_weights is not None:
+            if rollout_is_weights.shape != log_prob.shape:
+                raise ValueError(f"rollout_is_weights must have the shape of log_prob {tuple(log_prob.shape)}, got "
+                                 f"{tuple(rollout_is_weights.shape)}")
+            token_grad = token_grad * rollout_is_weights.detach().to(token_grad.dtype)
+        # verl sums the micro-batch losses and averages them (and the gradients) over ranks:
+        # each call reports its share of the whole-mini-batch loss, and its gradient is scaled
+        # by dp_size to undo the data-parallel average.
+        share = plan.dp_size * log_prob.shape[0] / max(plan.n_global, 1)
+        value = result.loss * share
+        token_grad = token_grad * plan.dp_size
+    from ..functional import AttachTokenGrad
+
+    loss = AttachTokenGrad.apply(log_prob, value.to(log_prob.dtype), token_grad, None, None) \
+        if torch.is_grad_enabled() and log_prob.requires_grad else value
+    stats = result.stats
+    n_tok = mask.sum().clamp(min=1)
+    ppo_kl = ((old_log_prob - log_prob).detach() * mask).sum() / n_tok
+    dual_frac = dual.sum() / n_tok
+    values_ = torch.stack([stats.clip_fraction, ppo_kl, dual_frac, stats.divergence, stats.listwise_entropy,
+                           stats.target_entropy, stats.mean_abs_coef, stats.clip_fraction_low,
+                           stats.clip_fraction_high]).float().tolist()
     names = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/lpo_divergence",
-             "actor/lpo_listwise_entropy", "actor/lpo_target_entropy", "actor/lpo_mean_abs_coef")
-    return loss, dict(zip(names, values))
+             "actor/lpo_listwise_entropy", "actor/lpo_target_entropy", "actor/lpo_mean_abs_coef",
+             "actor/lpo_clipfrac_low", "actor/lpo_clipfrac_high")
+    return loss, dict(zip(names, values_))
+
+
+@contextlib.contextmanager
+def lpo_minibatch(group_ids: torch.Tensor, log_prob: torch.Tensor, old_log_prob: torch.Tensor,
+                  response_mask: torch.Tensor, rewards: torch.Tensor | None = None,
+                  advantages: torch.Tensor | None = None, *, rows: torch.Tensor | None = None,
+                  target: str = "advantages", seq_reduce: str = "mean", dp_size: int = 1):
+    """Outside verl's engine: the pre-pass by hand. ``log_prob`` etc. are the whole
+    mini-batch (``[B, R]``, no grad needed); inside the block, loss calls on the rows
+    ``rows`` (default: all) are finished with the other rows' records."""
+    from ..group_stats import lpo_group_stats
+
+    if target == "advantages" and advantages is not None and advantages.dim() == 2:
+        m = response_mask.to(advantages.dtype)
+        advantages = (advantages * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    local = lpo_group_stats(log_prob.detach(), old_log_prob, response_mask.bool(), group_ids, rewards, advantages,
+                            target=target, seq_reduce=seq_reduce)
+    plan = MiniBatchPlan(local=local, remote=None, n_global=len(local), dp_size=dp_size)
+    rows = torch.arange(len(local)) if rows is None else rows
+    with minibatch_context(plan, rows):
+        yield plan
 
 
 def _make_loss(name: str, divergence: str):
@@ -160,8 +235,8 @@ POLICY_LOSSES = {"lpo_fwd": compute_policy_loss_lpo_fwd, "lpo_rev": compute_poli
 
 
 def register_verl_losses() -> bool:
-    """Registers the losses in verl's policy-loss registry; False (and nothing done) when verl
-    is not importable."""
+    """Registers the losses in verl's policy-loss registry; False (and nothing done) when
+    verl is not importable."""
     try:
         from verl.trainer.ppo.core_algos import register_policy_loss
     except ImportError:
@@ -171,59 +246,10 @@ def register_verl_losses() -> bool:
     return True
 
 
-# -- the patch that brings uid and scores to the loss ---------------------------------------
-def add_lpo_fields(batch) -> None:
-    """On a verl ``DataProto`` after rewards are scored: ``lpo_group_ids`` (``uid`` as int ids)
-    and ``lpo_scores`` (``token_level_scores`` summed over tokens), one per row."""
-    import numpy as np
-
-    uid = batch.non_tensor_batch["uid"]
-    _, inverse = np.unique(np.asarray(uid, dtype=object).astype(str), return_inverse=True)
-    scores = batch.batch["token_level_scores"]
-    batch.batch["lpo_group_ids"] = torch.as_tensor(inverse, dtype=torch.long, device=scores.device)
-    batch.batch["lpo_scores"] = scores.sum(-1).to(torch.float32)
-
-
-def wrap_ppo_loss(ppo_loss):
-    """verl's ``ppo_loss(config, model_output, data, dp_group=None)`` that passes the
-    micro-batch's ``lpo_group_ids`` / ``lpo_scores`` (when present) to the LPO losses."""
-    def ppo_loss_with_groups(config, model_output, data, dp_group=None):
-        keys = data.keys()
-        if "lpo_group_ids" not in keys:
-            return ppo_loss(config, model_output, data, dp_group)
-        scores = data["lpo_scores"] if "lpo_scores" in keys else None
-        with lpo_group_context(data["lpo_group_ids"], scores):
-            return ppo_loss(config, model_output, data, dp_group)
-
-    ppo_loss_with_groups.__wrapped__ = ppo_loss
-    return ppo_loss_with_groups
-
-
-def apply_verl_patch() -> None:
-    """Patches verl (0.9 layout) so group ids and scores reach the loss: the trainer's
-    ``_update_actor`` adds them (:func:`add_lpo_fields`) and the actor's ``ppo_loss`` hands
-    them on (:func:`wrap_ppo_loss`). Call it in the driver and in the workers (the
-    ``external_lib`` module runs there). Not exercised against a live verl run here."""
-    from verl.trainer.ppo import ray_trainer
-    from verl.workers import engine_workers
-    from verl.workers.utils import losses
-
-    if not hasattr(losses.ppo_loss, "__wrapped__"):
-        losses.ppo_loss = wrap_ppo_loss(losses.ppo_loss)
-        engine_workers.ppo_loss = losses.ppo_loss
-    update_actor = ray_trainer.RayPPOTrainer._update_actor
-    if not hasattr(update_actor, "__wrapped__"):
-        def _update_actor(self, batch):
-            add_lpo_fields(batch)
-            return update_actor(self, batch)
-
-        _update_actor.__wrapped__ = update_actor
-        ray_trainer.RayPPOTrainer._update_actor = _update_actor
-
-
 REGISTERED = register_verl_losses()
+HOOKED = REGISTERED and install_verl_hook()  # the mini-batch pre-pass in verl's engine
 
 __all__ = ["compute_policy_loss_lpo", "compute_policy_loss_lpo_fwd", "compute_policy_loss_lpo_rev",
            "compute_policy_loss_lpo_js", "compute_policy_loss_lpo_alpha", "POLICY_LOSSES", "LOSS_DIVERGENCES",
-           "register_verl_losses", "set_lpo_options", "lpo_group_context", "add_lpo_fields", "wrap_ppo_loss",
-           "apply_verl_patch", "REGISTERED"]
+           "LOSS_AGG_MODES", "LPOVerlError", "register_verl_losses", "set_lpo_options", "reset_lpo_options",
+           "parse_env_options", "resolved_options", "lpo_minibatch", "REGISTERED", "HOOKED"]
