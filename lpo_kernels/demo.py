@@ -2,6 +2,7 @@
 
     python -m lpo_kernels.demo                      # default run, a few minutes on 2 CPU cores
     python -m lpo_kernels.demo --device cuda --steps 400 --seeds 5
+    python -m lpo_kernels.demo --study              # the learning study (lpo_kernels.study)
 
 The task has a verifiable reward. A prompt names a target number t; the response is a
 string of digits ended by EOS, and earns reward 1 when its digits sum to t (0 otherwise,
@@ -21,6 +22,7 @@ downloads. Results: a table on stdout, ``curves.png`` and ``results.json`` in ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -48,7 +50,10 @@ METHODS = {
     "lpo_forward_kl": ("lpo", {"target": "grpo", "divergence": "forward_kl"}),
     "lpo_reverse_kl": ("lpo", {"target": "grpo", "divergence": "reverse_kl"}),
     "grpo": ("grpo", {"loss_type": "grpo"}),
+    # TRL's default GRPOConfig.loss_type (TRL 1.16): token mean over the batch.
+    "grpo_dapo": ("grpo", {"loss_type": "dapo"}),
 }
+DEMO_METHODS = ["lpo_forward_kl", "lpo_reverse_kl", "grpo"]  # the default run's three
 
 
 # --------------------------------------------------------------------------- the task
@@ -63,10 +68,20 @@ class DigitSumTask:
     digits = 10
     eos = 10
     bos = 11
+    prompt_len = 2
+    name = "digit sum"
 
     @property
     def vocab_size(self) -> int:
         return 12 + self.max_target + 1
+
+    def sample_targets(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        """``n`` training prompts (as target ids), uniform over the targets."""
+        return torch.randint(0, self.max_target + 1, (n,), generator=generator, device=device)
+
+    def eval_targets(self, device) -> torch.Tensor:
+        """The evaluation prompts: every target once."""
+        return torch.arange(self.max_target + 1, device=device)
 
     @property
     def response_len(self) -> int:  # digits + EOS
@@ -233,7 +248,7 @@ class Config:
     eval_samples: int = 16       # responses per target at evaluation (pass@k uses these)
     threshold: float = 0.5       # "steps to reach": moving-average train reward >= this
     smooth: int = 10             # moving-average window for the threshold
-    methods: list = field(default_factory=lambda: list(METHODS))
+    methods: list = field(default_factory=lambda: list(DEMO_METHODS))
     device: str = "cpu"
     threads: int = 1             # CPU threads: the model is tiny, more threads only contend
 
@@ -243,16 +258,16 @@ def warmed_up_model(cfg: Config, task: DigitSumTask, seed: int) -> TinyCausalLM:
     well-formed digit strings (no information about the sum)."""
     torch.manual_seed(seed)
     device = torch.device(cfg.device)
-    model = TinyCausalLM(task.vocab_size, 2 + task.response_len, cfg.dim, cfg.layers,
+    model = TinyCausalLM(task.vocab_size, task.prompt_len + task.response_len, cfg.dim, cfg.layers,
                          cfg.heads).to(device)
     generator = torch.Generator(device=device).manual_seed(10_000 + seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.warmup_lr)
     n = cfg.prompts_per_step * cfg.group_size
     for _ in range(cfg.warmup_steps):
-        targets = torch.randint(0, task.max_target + 1, (n,), generator=generator, device=device)
+        targets = task.sample_targets(n, generator, device)
         response = task.format_examples(targets, generator)
         seq = torch.cat([task.prompts(targets), response], dim=1)
-        logits = model.lm_head(model.hidden_states(seq[:, :-1])[:, 1:])
+        logits = model.lm_head(model.hidden_states(seq[:, :-1])[:, task.prompt_len - 1:])
         token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                      response.reshape(-1), reduction="none")
         mask = task.response_mask(response).reshape(-1)
@@ -274,9 +289,9 @@ def pass_at_k(n: int, c: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, task: DigitSumTask, cfg: Config, generator) -> dict:
-    """Every target, ``eval_samples`` responses each: mean reward, pass@K, entropy."""
+    """Every evaluation prompt, ``eval_samples`` responses each: mean reward, pass@K, entropy."""
     device = torch.device(cfg.device)
-    targets = torch.arange(task.max_target + 1, device=device).repeat_interleave(cfg.eval_samples)
+    targets = task.eval_targets(device).repeat_interleave(cfg.eval_samples)
     rollout = sample(model, task, targets, generator, cfg.temperature)
     correct = rollout.rewards.view(-1, cfg.eval_samples).sum(dim=1)
     return {
@@ -299,8 +314,7 @@ def train(method: str, initial: TinyCausalLM, task: DigitSumTask, cfg: Config, s
     curves = {"reward": [], "entropy": [], "loss": [], "clip_fraction": []}
     evals = [{"step": 0, **evaluate(model, task, cfg, eval_generator)}]
     for step in range(1, cfg.steps + 1):
-        targets = torch.randint(0, task.max_target + 1, (cfg.prompts_per_step,),
-                                generator=generator, device=device)
+        targets = task.sample_targets(cfg.prompts_per_step, generator, device)
         model.eval()
         rollout = sample(model, task, targets.repeat_interleave(cfg.group_size), generator,
                          cfg.temperature)
@@ -331,6 +345,45 @@ def steps_to_threshold(rewards: list, cfg: Config):
         if len(window) == min(cfg.smooth, len(rewards)) and sum(window) / len(window) >= cfg.threshold:
             return step
     return None
+
+
+# --------------------------------------------------------------------------- reproducibility
+@contextlib.contextmanager
+def reproducible(cfg: Config):
+    """What a run needs to give the same numbers twice: every random draw comes from a
+    seeded generator (``warmed_up_model``/``train``), a fixed CPU thread count (how BLAS
+    and reductions split a sum depends on it) and deterministic algorithms. Restores the
+    caller's settings afterwards. Same machine + same settings -> bit-identical runs;
+    another CPU (other vector width / BLAS code path) rounds differently, and an RL run
+    amplifies that, so there the per-seed numbers differ (see ``docs/study``)."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if torch.device(cfg.device).type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def machine_info(cfg: Config) -> dict:
+    """What the numbers depend on beyond the seed: library versions, CPU and its code path."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": cfg.threads if torch.device(cfg.device).type == "cpu" else None}
+    if torch.device(cfg.device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(cfg.device))
+    return info
 
 
 # --------------------------------------------------------------------------- reporting
@@ -449,22 +502,16 @@ def run(cfg: Config, out: str | None = None, verbose: bool = True) -> dict:
     start = time.perf_counter()
     progress = Progress(cfg.seeds * len(cfg.methods) * cfg.steps) if verbose else None
     runs = []
-    threads = torch.get_num_threads()
-    if torch.device(cfg.device).type == "cpu":
-        torch.set_num_threads(cfg.threads)
-    try:
+    with reproducible(cfg):
         for seed in range(cfg.seeds):
             initial = warmed_up_model(cfg, task, seed)
             for method in cfg.methods:
                 runs.append(train(method, initial, task, cfg, seed, progress))
-    finally:
-        torch.set_num_threads(threads)
     summary = summarize(runs, cfg)
     results = {
         "config": asdict(cfg), "loss_head": LOSS_HEAD, "task": "digit sum",
         "seconds": time.perf_counter() - start, "summary": summary, "runs": runs,
-        "torch": torch.__version__, "python": platform.python_version(),
-        "threads": cfg.threads if torch.device(cfg.device).type == "cpu" else None,
+        **machine_info(cfg),
     }
     if out is not None:
         os.makedirs(out, exist_ok=True)
@@ -514,6 +561,11 @@ def parse_args(argv=None) -> tuple[Config, str]:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--study" in argv:  # the learning study: many seeds, two tasks (lpo_kernels.study)
+        from . import study
+
+        return study.main([a for a in argv if a != "--study"])
     cfg, out = parse_args(argv)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
