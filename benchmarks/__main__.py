@@ -69,7 +69,7 @@ def make_inputs(case: C.Case, device: torch.device) -> dict:
     s = case.shape
     if case.suite.startswith("loss_head"):
         return C.loss_head_inputs(s["n_groups"], s["group_size"], s["seq_len"], s["hidden"],
-                                  s["vocab"], device)
+                                  s["vocab"], device, min_frac=s.get("min_frac", 0.5))
     if case.suite.startswith("listwise"):
         one_set = C.listwise_bytes(s["n_groups"], s["group_size"], s["seq_len"])
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) \

@@ -20,10 +20,10 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _lengths_mask(n_seqs: int, seq_len: int, device, gen) -> torch.Tensor:
-    """int32 [B, T] mask of random response lengths in [T/2, T]."""
-    lengths = torch.randint(max(1, seq_len // 2), seq_len + 1, (n_seqs,), device=device,
-                            generator=gen)
+def _lengths_mask(n_seqs: int, seq_len: int, device, gen, min_frac: float = 0.5) -> torch.Tensor:
+    """int32 [B, T] mask of random response lengths in [min_frac·T, T] (default [T/2, T])."""
+    lengths = torch.randint(max(1, math.ceil(min_frac * seq_len)), seq_len + 1, (n_seqs,),
+                            device=device, generator=gen)
     return (torch.arange(seq_len, device=device)[None, :] < lengths[:, None]).to(torch.int32)
 
 
@@ -43,7 +43,8 @@ def _current_logp(hidden2d, weight, targets1d, chunk: int = 2048) -> torch.Tenso
 
 
 def loss_head_inputs(n_groups: int, group_size: int, seq_len: int, hidden_size: int,
-                     vocab: int, device, dtype=torch.bfloat16, seed: int = 0) -> dict:
+                     vocab: int, device, dtype=torch.bfloat16, seed: int = 0,
+                     min_frac: float = 0.5) -> dict:
     """Hidden states [B, T, H] and LM head [V, H] (both requiring grad), targets, mask,
     consecutive groups, rewards, GRPO advantages, and old log-probs near the current ones
     (so the clip gates fire on some tokens, as in training)."""
@@ -54,7 +55,7 @@ def loss_head_inputs(n_groups: int, group_size: int, seq_len: int, hidden_size: 
     weight = (torch.randn(V, H, device=device, generator=gen, dtype=torch.float32)
               * (2.0 / math.sqrt(H))).to(dtype)
     targets = torch.randint(0, V, (B, T), device=device, generator=gen)
-    mask = _lengths_mask(B, T, device, gen)
+    mask = _lengths_mask(B, T, device, gen, min_frac)
     rewards = torch.randn(B, device=device, generator=gen)
     logp = _current_logp(hidden.view(-1, H), weight, targets.view(-1)).view(B, T)
     old_logp = logp + 0.1 * torch.randn(B, T, device=device, generator=gen)
@@ -126,10 +127,20 @@ HEAD_OURS = ["gemm_floor", "liger_triton_grpo", "lpo_fused_fast_triton",
              "lpo_fused_low_memory_triton", "lpo_fused_fast_cuda", "lpo_fused_low_memory_cuda"]
 
 
-def _head(suite, n_groups, k, t, h, v, methods=HEAD_ALL):
+# loss_head_pad: lengths in [0.1·T, T] (~45% padding, RLVR-like spread): the padding-free
+# head (lpo_kernels/padding_free.py) against the peers' floor over every padded position
+HEAD_PAD = ["gemm_floor", "gemm_floor_real_tokens", "naive_grpo_eager", "liger_triton_grpo",
+            "liger_fused_linear_grpo", "cce_grpo", "lpo_fused_fast_triton",
+            "lpo_fused_low_memory_triton", "lpo_fused_fast_cuda", "lpo_fused_low_memory_cuda"]
+
+
+def _head(suite, n_groups, k, t, h, v, methods=HEAD_ALL, min_frac=None):
     n = n_groups * k * t
-    return Case(suite, f"N{n}_H{h}_V{v}_K{k}_T{t}",
-                dict(n_groups=n_groups, group_size=k, seq_len=t, hidden=h, vocab=v), methods)
+    shape = dict(n_groups=n_groups, group_size=k, seq_len=t, hidden=h, vocab=v)
+    if min_frac is not None:
+        shape["min_frac"] = min_frac
+    return Case(suite, f"N{n}_H{h}_V{v}_K{k}_T{t}" + ("" if min_frac is None else f"_len{min_frac:g}T"),
+                shape, methods)
 
 
 LISTWISE_NO_COMPILE = ["listwise_eager", "listwise_triton", "listwise_cuda"]
@@ -160,6 +171,7 @@ def gpu_plan(quick: bool = False) -> list[Case]:
         _listwise("listwise", 512, 8, 256),              # 1M tokens, long responses
         _listwise("listwise", 4096, 8, 512),             # 16.8M tokens
     ]
+    plan += [_head("loss_head_pad", 2, 8, 1024, H, 151936, HEAD_PAD, min_frac=0.1)]
     plan += [_head("loss_head_n", g, 8, 1024, H, 151936, HEAD_SWEEP) for g in (1, 4, 8)]
     plan += [_head("loss_head_v", 2, 8, 1024, H, v, HEAD_OURS) for v in (32000, 65536, 128256)]
     plan += [_head("loss_head_k", 16 // k, k, 1024, H, 151936, HEAD_OURS) for k in (4, 16)]
@@ -180,6 +192,7 @@ def cpu_plan(quick: bool = False) -> list[Case]:
     if quick:
         return plan
     plan += [_listwise("listwise", 4, 4, 64)]
+    plan += [_head("loss_head_pad", 2, 4, 16, H, V, HEAD_PAD, min_frac=0.1)]
     plan += [_head("loss_head_n", g, 4, 16, H, V, HEAD_SWEEP) for g in (1, 4)]
     plan += [_head("loss_head_v", 2, 4, 16, H, 250, HEAD_OURS)]
     plan += [_head("loss_head_k", 4, 2, 16, H, V, HEAD_OURS)]

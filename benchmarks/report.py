@@ -17,6 +17,7 @@ TITLES = {
     "loss_head_n": "Loss head: sweep over N (V=151936 on GPU)",
     "loss_head_v": "Loss head: sweep over V",
     "loss_head_k": "Loss head: sweep over group size",
+    "loss_head_pad": "Loss head at ~45% padding (lengths 10-100% of T): floor = 3 GEMMs over every padded position",
     "listwise": "Listwise step alone, forward + backward, from per-token log-probs",
     "listwise_k": "Listwise step: sweep over group size (about 1M tokens)",
     "logprob": "No-grad log-prob + entropy pass",

@@ -68,6 +68,7 @@ def _cuda_extension_built() -> bool:
     return cuda_extension_available()
 
 
+@functools.lru_cache(maxsize=None)  # no import statement per call (host time, issue 14)
 def listwise_forward_impl(backend: str):
     """The ``forward(batch, options) -> ListwiseResult`` of a concrete backend."""
     if backend == "torch":
@@ -169,9 +170,8 @@ def lpo_loss(logp, old_logp, mask, group_ids, rewards=None, advantages=None, *,
     Returns ``(loss, stats)``: the divergence (mean over groups by default) and an
     :class:`LPOStats` of detached tensors. See ../shared/docs/lpo-math.md.
     """
-    options = LPOOptions(target=target, divergence=divergence, alpha=alpha, tau=tau, eps=eps,
-                         seq_reduce=seq_reduce, clip=clip, clip_eps_low=clip_eps_low,
-                         clip_eps_high=clip_eps_high, reduction=reduction)
+    options = _lpo_options(target, divergence, alpha, tau, eps, seq_reduce, clip, clip_eps_low,
+                           clip_eps_high, reduction)
     batch = check_listwise_inputs(logp, old_logp, mask, group_ids, rewards, advantages,
                                   options=options, cu_seqlens=cu_seqlens,
                                   group_size=group_size, validate=validate)
@@ -179,3 +179,22 @@ def lpo_loss(logp, old_logp, mask, group_ids, rewards=None, advantages=None, *,
     with torch.no_grad():
         result = forward(batch, options)
     return attach_token_grad(logp, result), result.stats
+
+
+def _lpo_options(*args) -> LPOOptions:
+    """``LPOOptions`` of lpo_loss's arguments, checked once per distinct set of values
+    (a frozen dataclass: the same object serves every call with those values)."""
+    try:
+        return _cached_lpo_options(*args)
+    except TypeError:  # an unhashable argument: LPOOptions names it (or accepts it)
+        return _make_lpo_options(*args)
+
+
+def _make_lpo_options(target, divergence, alpha, tau, eps, seq_reduce, clip, clip_eps_low,
+                      clip_eps_high, reduction) -> LPOOptions:
+    return LPOOptions(target=target, divergence=divergence, alpha=alpha, tau=tau, eps=eps,
+                      seq_reduce=seq_reduce, clip=clip, clip_eps_low=clip_eps_low,
+                      clip_eps_high=clip_eps_high, reduction=reduction)
+
+
+_cached_lpo_options = functools.lru_cache(maxsize=128, typed=True)(_make_lpo_options)

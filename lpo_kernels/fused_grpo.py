@@ -3,7 +3,8 @@ the log-probs of the fused loss head, never a ``[tokens x vocab]`` tensor.
 
 A GRPO token's gradient depends only on its own row (its token, or the row's mean
 log-ratio for GSPO, the off-policy mask, VESPO's weight) and on batch-wide normalisers
-known from the mask (``grpo.GRPOScope``). So one pass over chunks of whole rows suffices:
+known from the mask (``grpo.GRPOScope``). So one pass over chunks of whole rows suffices
+(holding only the rows' ``mask != 0`` tokens: ``padding_free.row_chunks``, 6·N_real·H·V):
 GEMM, row stats, the chunk's share of the loss (``grpo_forward`` with the batch's scope),
 in-place logits gradient, grad GEMMs (6·N·H·V). ``top_entropy_quantile < 1`` needs every
 token's entropy before any gradient (the quantile is batch-wide): a first no-grad pass
@@ -21,6 +22,7 @@ from .fused_linear import (HeadOutputs, _attach, _check_chunk_tokens, _check_hea
                            _logits_grad, _needs_grad, _new_buffer)
 from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, check_grpo_values, grpo_forward,
                    grpo_options, high_entropy_mask)
+from . import padding_free  # padded input: the GEMMs over the real (mask != 0) tokens only
 from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 
 
@@ -91,9 +93,9 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     _check_head_finite(head, mask, validate)  # hidden at counted tokens, weight, bias
     vocab = head.weight.shape[0] if shard is None else None  # global ids are checked by the shard
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
-    rows_per_chunk = max(1, chunk_tokens // max(seq_len, 1))
-    chunks = [] if seq_len == 0 else [(a, min(a + rows_per_chunk, n_rows))
-                                      for a in range(0, n_rows, rows_per_chunk)]
+    # chunks of whole rows holding only their real tokens: (rows a:b, their flat token
+    # positions, the same relative to row a); with a mask, one host read of the B row counts
+    chunks = padding_free.row_chunks(mask, shape, chunk_tokens)
     row_stats, grad_inplace = tensor_parallel.row_kernels(head.backend, shard)
     to_local = (lambda t: t) if shard is None else shard.local_targets
     needs = _needs_grad(hidden, weight, bias)
@@ -113,22 +115,22 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
         out.view(-1)[tokens] = torch.where(written[tokens], values.to(dtype), 0.0)
 
     with torch.no_grad():
-        buffer = _new_buffer(head, min(rows_per_chunk, max(n_rows, 1)) * seq_len)
+        buffer = _new_buffer(head, max((padding_free.n_tokens_of(c[3]) for c in chunks), default=1))
         entropy_mask = None
         if opts.top_entropy_quantile < 1.0:  # pass 1: the quantile needs every entropy first
-            for a, b in chunks:
-                tokens = slice(a * seq_len, b * seq_len)
-                logits = _chunk_logits(buffer, head, tokens, (b - a) * seq_len)
+            for a, b, tokens, local in chunks:
+                logits = _chunk_logits(buffer, head, tokens, padding_free.n_tokens_of(local))
                 _, _, ent = row_stats(logits, head.targets[tokens], head.inv_temperature, True)
                 store(entropy, ent, tokens)
             entropy_mask = high_entropy_mask(entropy, mask, opts.top_entropy_quantile)
         scope = batch_scope(mask, shape, opts, num_items_in_batch, entropy_mask, dtype=dtype,
                             device=hidden.device)
         grads = _Grads(head, *needs, grad_weight_fp32=grad_weight_fp32)
+        if grads.hidden is not None and mask is not None:
+            grads.hidden.zero_()  # padding tokens are in no chunk: their gradient is 0
         entropy_grad = opts.entropy_coef != 0.0
-        for a, b in chunks:
-            tokens = slice(a * seq_len, b * seq_len)
-            logits = _chunk_logits(buffer, head, tokens, (b - a) * seq_len)
+        for a, b, tokens, local in chunks:
+            logits = _chunk_logits(buffer, head, tokens, padding_free.n_tokens_of(local))
             targets = head.targets[tokens]
             lse, lp, ent = row_stats(logits, targets, head.inv_temperature, want_entropy)
             store(logp, lp, tokens)
@@ -150,12 +152,12 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
             g_lp, g_h = (torch.zeros_like(lp_leaf) if g is None else g
                          for g in (list(token_grads) + [None])[:2])
             if entropy_grad:  # same contract as the row kernel's (column slices included)
-                def logits_grad(work, t, lse_rows, g, inv_t, ent=ent, g_h=g_h.reshape(-1)):
+                def logits_grad(work, t, lse_rows, g, inv_t, ent=ent, g_h=g_h.reshape(-1)[local]):
                     _logits_grad_with_entropy_inplace(work, to_local(t), lse_rows, ent, g, g_h, inv_t)
             else:
                 logits_grad = grad_inplace
-            _logits_grad(logits_grad, logits, head, targets, lse, g_lp.reshape(-1))
-            grads.add_chunk(logits, head, tokens, None if entropy_grad else g_lp.reshape(-1))
+            _logits_grad(logits_grad, logits, head, targets, lse, g_lp.reshape(-1)[local])
+            grads.add_chunk(logits, head, tokens, None if entropy_grad else g_lp.reshape(-1)[local])
         del buffer
         loss, stats = grpo_forward(logp, old_logp, mask, advantages, ref_logp, opts,
                                    entropy=entropy, sampling_logp=sampling_logp,

@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import padding_free  # padded input: the GEMMs run over the real tokens only
 from . import reference
 from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 from .functional import first_order_only, listwise_forward_impl, resolve_backend
@@ -305,12 +306,15 @@ def _group_chunks(batch, token_shape, chunk_tokens: int, device) -> list[_Chunk]
                 for a in range(0, n_seqs, step)]
     if batch.cu_seqlens is None:
         offsets = [i * token_shape[1] for i in range(n_seqs + 1)]
-    else:
-        offsets = batch.cu_seqlens.tolist()  # the one host sync of this plan
+    else:  # the one host sync of this plan (none when padding_free made the offsets)
+        offsets = padding_free.host_offsets(batch.cu_seqlens)
         if offsets[0] != 0 or offsets[-1] != token_shape[0] or any(b < a for a, b in zip(offsets, offsets[1:])):
             raise malformed_offsets_error(int(malformed_offsets(batch.cu_seqlens, token_shape[0])),
                                           token_shape[0])  # on the host already: cheap to check
-    slots = reference.group_slots(batch.group_ids, batch.group_size, n_seqs, device).tolist()
+    if batch.group_ids is None:  # consecutive groups of group_size: slots from shapes
+        slots = [seq // batch.group_size for seq in range(n_seqs)]
+    else:
+        slots = reference.group_slots(batch.group_ids, batch.group_size, n_seqs, device).tolist()
     members: dict[int, list[int]] = {}
     for seq, slot in enumerate(slots):
         members.setdefault(slot, []).append(seq)
@@ -330,7 +334,7 @@ def _group_chunks(batch, token_shape, chunk_tokens: int, device) -> list[_Chunk]
         lengths = [offsets[s + 1] - offsets[s] for s in seqs]
         cu = torch.zeros(len(seqs) + 1, dtype=torch.long)
         cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
-        n = int(cu[-1])
+        n = sum(lengths)  # host ints: no tensor read
         if seqs == list(range(seqs[0], seqs[-1] + 1)):  # contiguous: views, no gathers
             tokens, seq_index = slice(offsets[seqs[0]], offsets[seqs[-1] + 1]), slice(seqs[0], seqs[-1] + 1)
         else:
@@ -474,6 +478,23 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     Returns ``(loss, stats)``, or ``(loss, stats, HeadOutputs(logp, entropy))`` when
     ``return_logp`` or ``return_entropy`` is set (detached, input token layout).
     """
+    if padding_free.eligible(hidden, mask, cu_seqlens, exact=(target_ids, old_logp),
+                             broadcast=(token_grad_weights,)):
+        comp = padding_free.compaction(mask, tuple(hidden.shape[:2]))
+        if comp is not None:  # the packed call on the real tokens, outputs scattered back
+            out = fused_linear_lpo_loss(
+                padding_free.gather_hidden(hidden, comp), weight, padding_free.gather(target_ids, comp),
+                padding_free.gather(mask, comp), group_ids, rewards, advantages, bias=bias,
+                temperature=temperature, old_logp=padding_free.gather(old_logp, comp),
+                group_size=group_size, cu_seqlens=comp.cu_seqlens, group_stats=group_stats,
+                mode=mode, chunk_tokens=chunk_tokens, return_logp=return_logp,
+                return_entropy=return_entropy, backend=backend, grad_weight_fp32=grad_weight_fp32,
+                validate=validate, softcap=softcap, logit_scale=logit_scale,
+                token_grad_weights=padding_free.gather(token_grad_weights, comp), tp_group=tp_group,
+                vocab_start=vocab_start, **lpo_options)
+            if len(out) == 3:
+                out = (*out[:2], HeadOutputs(*(padding_free.scatter(x, comp) for x in out[2])))
+            return out
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     chunk_tokens = _check_chunk_tokens(chunk_tokens, mode)
@@ -665,7 +686,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                          grad_flat[chunk.tokens])
             grads.add_chunk(logits, head, chunk.tokens, grad_flat[chunk.tokens])
         w_dtype = head.weight.dtype
-        return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, -1),
+        return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, grads.hidden.shape[-1]),
                 None if grads.weight is None else grads.weight.to(w_dtype),
                 None if grads.bias is None else grads.bias.to(w_dtype))
 
@@ -673,7 +694,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=1.0,
                           return_entropy=False, chunk_tokens=None, backend="auto",
                           grad_weight_fp32=True, softcap=None, logit_scale=1.0, tp_group=None,
-                          vocab_start=None):
+                          vocab_start=None, mask=None):
     """``log_softmax((h W^T + b)/T)[target]`` per token without full logits.
 
     ``hidden`` ``[..., H]``, ``target_ids`` ``[...]``; returns logp ``[...]`` (fp32; fp64
@@ -681,8 +702,24 @@ def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=
     logits chunk by chunk), and with ``return_entropy`` also the tempered entropy
     (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient.
     ``softcap``/``logit_scale``: as :func:`fused_linear_lpo_loss`.
-    ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``)."""
+    ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``).
+    ``mask`` (``[B, T]`` with ``[B, T, H]`` hidden): only tokens with ``mask != 0`` are
+    computed (``lpo_kernels/padding_free.py``); logp/entropy are 0 elsewhere, and so is the
+    gradient there."""
     check_tensor("hidden", hidden, floating=True, dim=(2, 3))  # [N, H] or [B, T, H]
+    if mask is not None and not padding_free.eligible(hidden, mask, exact=(target_ids,)):
+        raise ValueError("mask must be a [B, T] tensor on hidden's device with [B, T, H] hidden "
+                         "and [B, T] target_ids")
+    comp = None if mask is None else padding_free.compaction(mask, tuple(hidden.shape[:2]))
+    if comp is not None:
+        out = fused_linear_logprobs(
+            padding_free.gather_hidden(hidden, comp), weight, padding_free.gather(target_ids, comp),
+            bias=bias, temperature=temperature, return_entropy=return_entropy,
+            chunk_tokens=chunk_tokens, backend=backend, grad_weight_fp32=grad_weight_fp32,
+            softcap=softcap, logit_scale=logit_scale, tp_group=tp_group, vocab_start=vocab_start)
+        if return_entropy:
+            return tuple(padding_free.scatter(x, comp) for x in out)
+        return padding_free.scatter(out, comp)
     head = _check_head(hidden, weight, target_ids, bias, temperature, hidden.dim() == 2, backend,
                        softcap, logit_scale)
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "low_memory")
@@ -698,11 +735,13 @@ def fused_linear_lpo_group_stats(hidden, weight, target_ids, mask, group_ids, re
                                  cu_seqlens=None, target="grpo", seq_reduce="mean",
                                  chunk_tokens=None, backend="auto", validate=None, softcap=None,
                                  logit_scale=1.0, tp_group=None, vocab_start=None) -> LPOGroupStats:
-    """:func:`lpo_group_stats` from hidden states (one no-grad log-prob pass)."""
+    """:func:`lpo_group_stats` from hidden states (one no-grad log-prob pass; on padded
+    input over the counted tokens only, ``padding_free.py``)."""
+    real_only = cu_seqlens is None and padding_free.eligible(hidden, mask, exact=(target_ids,))
     logp = fused_linear_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature,
                                  chunk_tokens=chunk_tokens, backend=backend, softcap=softcap,
                                  logit_scale=logit_scale, tp_group=tp_group,
-                                 vocab_start=vocab_start)
+                                 vocab_start=vocab_start, mask=mask if real_only else None)
     return lpo_group_stats(logp, old_logp, mask, group_ids, rewards, advantages,
                            cu_seqlens=cu_seqlens, target=target, seq_reduce=seq_reduce,
                            validate=validate)

@@ -271,18 +271,20 @@ def test_item10_validate_rejects_non_finite_group_stats(field):
 # --------------------------------------------------------------------------- item 11
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["fast", "low_memory"])
-def test_item11_nan_hidden_at_padding_contributes_exactly_nothing(backend, mode):
-    case = make_head_case(seed=8, bias=True, dtype=torch.float32)
+@pytest.mark.parametrize("packed", [False, True])  # padded input also runs padding-free
+def test_item11_nan_hidden_at_padding_contributes_exactly_nothing(backend, mode, packed):
+    case = make_head_case(seed=8, bias=True, dtype=torch.float32, packed=packed)
     pad = (~case["mask"]).nonzero()
     assert len(pad) >= 2
+    extra = {} if packed else dict(group_size=4)
     clean = leaves(case)
-    loss, _ = _fused(case, clean, backend=backend, mode=mode, group_size=4)
+    loss, _ = _fused(case, clean, backend=backend, mode=mode, **extra)
     loss.backward()
     poisoned = dict(case, hidden=case["hidden"].clone())
     poisoned["hidden"][tuple(pad[0])] = float("nan")
     poisoned["hidden"][tuple(pad[1])] = float("inf")
     p = leaves(poisoned)
-    loss2, _ = _fused(poisoned, p, backend=backend, mode=mode, group_size=4, validate=True)
+    loss2, _ = _fused(poisoned, p, backend=backend, mode=mode, validate=True, **extra)
     loss2.backward()
     assert torch.equal(loss, loss2)
     for name in ("weight", "bias"):

@@ -36,6 +36,7 @@ custom ops (when this torch has them), so a call traces without a graph break; e
 calls launch the kernels directly (no dispatcher overhead).
 """
 
+import functools
 import os
 from typing import Optional
 
@@ -658,6 +659,7 @@ def _new(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@functools.lru_cache(maxsize=256)  # launch parameters: host time per call (issue 14)
 def _token_blocks(rows: int, T: int, packed: bool) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK_T): about 2048 elements a tile, never wider than the rows."""
     block_rows = triton.next_power_of_2(max(rows, 1))
@@ -667,6 +669,7 @@ def _token_blocks(rows: int, T: int, packed: bool) -> tuple[int, int]:
     return block_rows, min(width, 1024)
 
 
+@functools.lru_cache(maxsize=64)
 def _warps(tile: int) -> int:
     return 4 if tile >= 1024 else 2 if tile >= 256 else 1
 
@@ -741,11 +744,8 @@ def _general_impl(logp: Tensor, old_logp: Optional[Tensor], mask: Optional[Tenso
     sorted_ids, order = torch.sort(group_ids, stable=True)
     ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # one past each id's run
 
-    summed = _new((n_seqs,), dtype, device)
-    n_tok = _new((n_seqs,), dtype, device)
-    seq_scale = _new((n_seqs,), dtype, device)
-    coef = _new((n_seqs,), dtype, device)
-    group_loss = _new((n_seqs,), dtype, device)
+    # five per-sequence vectors from one allocation (one dispatch instead of five)
+    summed, n_tok, seq_scale, coef, group_loss = _new((5, n_seqs), dtype, device).unbind()
     token_grad = _new(logp.shape, dtype, device)
     block_s, block_t = _sequence_blocks(n_seqs, T, packed)
     n_blocks = triton.cdiv(n_seqs, block_s)
@@ -776,6 +776,7 @@ def _general_impl(logp: Tensor, old_logp: Optional[Tensor], mask: Optional[Tenso
     return token_grad, group_loss, sorted_ids, float_out, int_out
 
 
+@functools.lru_cache(maxsize=256)
 def _sequence_blocks(n_seqs: int, T: int, packed: bool) -> tuple[int, int]:
     block_t = min(1024, triton.next_power_of_2(max(T, 1))) if not packed else 256
     block_s = max(1, min(triton.next_power_of_2(max(n_seqs, 1)), 2048 // block_t, 64))
@@ -819,9 +820,11 @@ _OPS = _register_ops()
 _IMPLS = {"fused_groups": _fused_groups_impl, "general": _general_impl}
 
 
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # looked up once
+
+
 def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
+    return bool(_IS_COMPILING and _IS_COMPILING())
 
 
 def _op(name: str):
@@ -833,28 +836,36 @@ def _op(name: str):
 
 # =========================================================================== entry point
 def _stats(float_out: Tensor, int_out: Tensor) -> LPOStats:
-    """0-dim views into the finalize kernel's outputs: no extra launches."""
+    """0-dim views into the finalize kernel's outputs: no extra launches (two ``unbind``
+    calls make them, not one indexing op per field)."""
+    f, i = float_out.unbind(), int_out.unbind()
     return LPOStats(
-        divergence=float_out[2], listwise_entropy=float_out[3], target_entropy=float_out[4],
-        clip_fraction=float_out[5], clip_fraction_low=float_out[6],
-        clip_fraction_high=float_out[7], mean_abs_coef=float_out[8],
-        n_groups=int_out[0], n_seqs=int_out[1], n_tokens=int_out[2], cu_seqlens_errors=int_out[3])
+        divergence=f[2], listwise_entropy=f[3], target_entropy=f[4], clip_fraction=f[5],
+        clip_fraction_low=f[6], clip_fraction_high=f[7], mean_abs_coef=f[8],
+        n_groups=i[0], n_seqs=i[1], n_tokens=i[2], cu_seqlens_errors=i[3])
 
 
 def _contiguous(x: Optional[Tensor]) -> Optional[Tensor]:
-    return None if x is None else x.contiguous()
+    # is_contiguous() is a plain attribute read; contiguous() goes through the dispatcher
+    return x if x is None or x.is_contiguous() else x.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _option_args(options: LPOOptions) -> tuple:
+    """The kernels' option arguments, built once per (frozen, hashable) options object."""
+    low, high = options.log_ratio_bounds
+    return (options.target, options.divergence, options.alpha, options.tau, options.eps,
+            options.seq_reduce, options.clip, low, high, options.reduction)
 
 
 def listwise_forward_triton(batch: ListwiseBatch, options: LPOOptions) -> reference.ListwiseResult:
     """``reference.listwise_forward`` in Triton (same ListwiseResult). token_grad is fp32
     (fp64 for fp64 logp); stats are views of one small buffer. Fast path when
     ``batch.group_size`` is set (and <= MAX_FUSED_GROUP), general path otherwise."""
-    logp, old, mask = batch.logp.contiguous(), _contiguous(batch.old_logp), _contiguous(batch.mask)
+    logp, old, mask = _contiguous(batch.logp), _contiguous(batch.old_logp), _contiguous(batch.mask)
     cu = _contiguous(batch.cu_seqlens)
-    values = batch.scores_source.contiguous()
-    low, high = options.log_ratio_bounds
-    args = (options.target, options.divergence, options.alpha, options.tau, options.eps,
-            options.seq_reduce, options.clip, low, high, options.reduction)
+    values = _contiguous(batch.scores_source)
+    args = _option_args(options)
     n, k = batch.n_seqs, batch.group_size
     if k is not None and k <= MAX_FUSED_GROUP:
         token_grad, group_loss, float_out, int_out = _op("fused_groups")(
