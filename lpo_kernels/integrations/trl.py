@@ -592,7 +592,9 @@ class LPOTrainer(GRPOTrainer):
             if importlib.util.find_spec("lpo_kernels.fused_linear") is not None:
                 from ..fused_linear import fused_linear_logprobs
 
-                return fused_linear_logprobs(hidden, weight, batch["completion_ids"], **kwargs)
+                # Padding-free: the GEMMs run over the completion's real tokens only.
+                return fused_linear_logprobs(hidden, weight, batch["completion_ids"],
+                                             mask=batch["completion_mask"], **kwargs)
             kwargs.pop("backend")
             return naive_linear_logprobs(hidden, weight, batch["completion_ids"], **kwargs)
 
