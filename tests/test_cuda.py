@@ -215,17 +215,22 @@ def emulated_module():
     return emulate_build.load(cache)
 
 
-@pytest.fixture
-def on_emulator(emulated_module, monkeypatch):
-    """lpo_kernels.cuda as is, but launching the CPU-compiled kernels on CPU tensors."""
+def route_cuda_backend_to_emulator(monkeypatch, module):
+    """lpo_kernels.cuda as is, but launching ``module``'s CPU-compiled kernels on CPU tensors."""
     def type_check_only(name, x, device=None):
         if not isinstance(x, torch.Tensor):
             raise InputDTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
-    monkeypatch.setattr(cuda_backend, "_extension", lambda: emulated_module)
+    monkeypatch.setattr(cuda_backend, "_extension", lambda: module)
     monkeypatch.setattr(cuda_backend, "_check_cuda", type_check_only)
     monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
     monkeypatch.setattr(cuda_backend.torch.cuda, "device", lambda device: contextlib.nullcontext())
+
+
+@pytest.fixture
+def on_emulator(emulated_module, monkeypatch):
+    """This module's tests on the emulator, CPU tensors, outputs poisoned."""
+    route_cuda_backend_to_emulator(monkeypatch, emulated_module)
     monkeypatch.setattr(sys.modules[__name__], "DEVICE", "cpu")
     monkeypatch.setattr(sys.modules[__name__], "_triton_listwise_available", lambda: False)
     monkeypatch.setattr(sys.modules[__name__], "_compare_with_triton", lambda *args: False)

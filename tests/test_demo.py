@@ -12,13 +12,7 @@ from lpo_kernels import demo
 METHODS = list(demo.METHODS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The demo's model is tiny: one thread is faster and does not fight other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_reward_checks_sum_and_format():

@@ -16,7 +16,6 @@ every backend — the torch reference, Triton (its interpreter on CPU) and the C
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -24,9 +23,9 @@ import torch
 
 from lpo_kernels import LPOOptions, fused_linear_lpo_loss, lpo_loss
 from lpo_kernels import cuda as cuda_backend
-from lpo_kernels.inputs import InputDTypeError
 from lpo_kernels.ops import listwise as triton_listwise
 from tests.test_cuda import emulated_module  # noqa: F401  (fixture: csrc/ built for the CPU)
+from tests.test_cuda import route_cuda_backend_to_emulator
 from tests.utils import assert_close
 
 BACKENDS = ["torch", "triton", "cuda"]
@@ -42,16 +41,7 @@ def backend(request, monkeypatch):
     if request.param == "cuda" and DEVICE == "cuda" and not cuda_backend.cuda_extension_available():
         pytest.skip("the CUDA extension is not built")
     if request.param == "cuda" and DEVICE == "cpu":
-        module = request.getfixturevalue("emulated_module")
-
-        def type_check_only(name, x, device=None):
-            if not isinstance(x, torch.Tensor):
-                raise InputDTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-
-        monkeypatch.setattr(cuda_backend, "_extension", lambda: module)
-        monkeypatch.setattr(cuda_backend, "_check_cuda", type_check_only)
-        monkeypatch.setattr(cuda_backend, "_stream", lambda device: 0)
-        monkeypatch.setattr(cuda_backend.torch.cuda, "device", lambda device: contextlib.nullcontext())
+        route_cuda_backend_to_emulator(monkeypatch, request.getfixturevalue("emulated_module"))
     return request.param
 
 

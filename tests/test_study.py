@@ -16,12 +16,7 @@ from lpo_kernels.study_stats import (betainc, mean_std, paired_t_test, t_interva
                                      t_sf_two_sided, wilcoxon_signed_rank)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- statistics

@@ -41,13 +41,7 @@ TEMPERATURE = 0.9
 MCL = 9  # GRPOConfig.max_completion_length for dr_grpo (> T: TRL divides by it, not by T)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~10x faster than two on a shared 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- TRL, run
