@@ -41,6 +41,13 @@ def naive(case, softcap, logit_scale, temperature, **options):
     return loss.detach(), p
 
 
+def assert_head_grads_close(p, ref, atol, rtol):
+    """Gradients of hidden, weight and bias, atol relative to each reference gradient's scale."""
+    for name in ("hidden", "weight", "bias"):
+        scale = float(ref[name].grad.abs().max())
+        assert_close(p[name].grad, ref[name].grad, atol=atol * scale, rtol=rtol, name=f"grad {name}")
+
+
 @pytest.mark.parametrize("softcap,logit_scale", TRANSFORMS)
 @pytest.mark.parametrize("mode", ["fast", "low_memory"])
 @pytest.mark.parametrize("dtype,backend", [(torch.float64, "torch"), (torch.float32, "torch"),
@@ -57,9 +64,7 @@ def test_lpo_head_matches_naive(softcap, logit_scale, mode, dtype, backend):
     loss.backward()
     atol, rtol = TOL[dtype]
     assert_close(loss, expected, atol=atol, rtol=rtol, name="loss")
-    for name in ("hidden", "weight", "bias"):
-        scale = float(ref[name].grad.abs().max())
-        assert_close(p[name].grad, ref[name].grad, atol=atol * scale, rtol=rtol, name=f"grad {name}")
+    assert_head_grads_close(p, ref, atol, rtol)
 
 
 def test_cap_changes_the_gradient():
@@ -91,9 +96,7 @@ def test_logprobs_and_entropy_match_naive(softcap, logit_scale, dtype, backend):
     atol, rtol = TOL[dtype]
     assert_close(logp, logp_ref, atol=atol, rtol=rtol, name="logp")
     assert_close(ent, ent_ref, atol=atol, rtol=rtol, name="entropy")
-    for name in ("hidden", "weight", "bias"):
-        scale = float(ref[name].grad.abs().max())
-        assert_close(p[name].grad, ref[name].grad, atol=atol * scale, rtol=rtol, name=f"grad {name}")
+    assert_head_grads_close(p, ref, atol, rtol)
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.float64, "torch"), (torch.float32, "triton")])
@@ -114,9 +117,7 @@ def test_grpo_head_matches_naive(dtype, backend):
     loss.backward()
     atol, rtol = TOL[dtype]
     assert_close(loss, expected, atol=atol, rtol=rtol, name="loss")
-    for name in ("hidden", "weight", "bias"):
-        scale = float(ref[name].grad.abs().max())
-        assert_close(p[name].grad, ref[name].grad, atol=atol * scale, rtol=rtol, name=f"grad {name}")
+    assert_head_grads_close(p, ref, atol, rtol)
 
 
 def test_bf16_error_no_worse_than_naive_bf16():
