@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .inputs import check_listwise_inputs, check_same_device, check_tensor
+from .inputs import check_listwise_inputs
 from .grpo import grpo_loss  # noqa: F401  (re-export: the GRPO family lives in grpo.py)
 from .options import LPOOptions
 from .stats import LPOStats

@@ -24,6 +24,7 @@ from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, check_grpo_values
                    grpo_options, high_entropy_mask)
 from . import padding_free  # padded input: the GEMMs over the real (mask != 0) tokens only
 from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
+from .reference import compute_dtype
 
 
 _ENTROPY_GRAD_ROWS = 1024  # rows per block of the entropy-gradient step (bounds its fp32 temporaries)
@@ -35,7 +36,7 @@ def _logits_grad_with_entropy_inplace(logits: Tensor, targets: Tensor, lse: Tens
     """logits <- d(g_lp * logp + g_H * H)/d logits
     = inv_T * (g_lp * onehot - p * (g_lp + g_H * (log p + H))); 0 * log 0 counts as 0.
     Plain PyTorch (every backend), in row blocks with two fp32 temporaries of a block."""
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(logits.dtype)
     vocab = logits.shape[1]
     for r0 in range(0, logits.shape[0], _ENTROPY_GRAD_ROWS):
         rows = slice(r0, min(r0 + _ENTROPY_GRAD_ROWS, logits.shape[0]))

@@ -33,12 +33,11 @@ import torch
 from torch import Tensor
 
 from .inputs import ListwiseBatch, check_finite, check_listwise_inputs, resolve_validate
-from .options import LPOOptions
+from .options import SEQ_REDUCES, LPOOptions
 from .reference import (ListwiseResult, compute_dtype, group_slots, listwise_from_scores,
                         sequence_scores)
 
 
-SEQ_REDUCES = ("mean", "sum")
 VALUE_KINDS = ("rewards", "advantages")
 
 
@@ -137,7 +136,7 @@ def _own_group_ids(batch: ListwiseBatch) -> Tensor:
 
 def _batch_records(batch: ListwiseBatch, seq_reduce: str) -> LPOGroupStats:
     dtype = compute_dtype(batch.logp.dtype)
-    scores, n_tokens, _, _ = sequence_scores(batch, seq_reduce, dtype)
+    scores, n_tokens, *_ = sequence_scores(batch, seq_reduce, dtype)
     return LPOGroupStats(_own_group_ids(batch), scores.detach(),
                          batch.scores_source.to(dtype), n_tokens.detach(), seq_reduce,
                          "advantages" if batch.advantages is not None else "rewards")
@@ -197,13 +196,13 @@ def listwise_forward_with_group_stats(batch: ListwiseBatch, options: LPOOptions,
         raise ValueError("reduction='none' is not supported with group_stats")
     _check_records_match(others, options)
     dtype = compute_dtype(batch.logp.dtype)
-    scores, n_tokens, delta, mask = sequence_scores(batch, options.seq_reduce, dtype)
+    scores, n_tokens, delta, mask, seq_index = sequence_scores(batch, options.seq_reduce, dtype)
     ids = torch.cat([_own_group_ids(batch), others.group_ids.long()])
     scores = torch.cat([scores, others.scores.to(dtype)])
     values = torch.cat([batch.scores_source.to(dtype), others.values.to(dtype)])
     n_tokens = torch.cat([n_tokens, others.n_tokens.to(dtype)])
     slots = group_slots(ids, None, ids.shape[0], ids.device)
-    return listwise_from_scores(batch, options, scores, n_tokens, values, slots, delta, mask)
+    return listwise_from_scores(batch, options, scores, n_tokens, values, slots, delta, mask, seq_index)
 
 
 def lpo_loss_with_group_stats(logp, old_logp, mask, group_ids, rewards=None, advantages=None, *,

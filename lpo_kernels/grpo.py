@@ -35,8 +35,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .inputs import check_finite, check_same_device, check_tensor, resolve_validate
+from .inputs import check_finite, check_tensor, resolve_validate
 from .options import _check_choice, _check_real, check_divisor
+from .reference import compute_dtype, naive_linear_logprobs
 from .stats import _StatsMixin
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
@@ -159,10 +160,6 @@ class GRPOStats(_StatsMixin):
 
 
 # --------------------------------------------------------------------------- helpers
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _exp_cap(dtype: torch.dtype) -> float:
     """Cap on a log-ratio before ``exp`` (fp32: 32.6, a ratio of 1.4e14; fp64: 343): the
     product of two capped ratios (the bias-corrected KL) times an advantage up to 1e3,
@@ -277,7 +274,7 @@ def grpo_forward(logp: Tensor, old_logp: Tensor | None, mask: Tensor | None, adv
     ``entropy_mask``/``scope``: batch-wide values for a chunk of rows (fused head).
     Returns ``(loss, GRPOStats)``."""
     o = options
-    dtype = _compute_dtype(logp.dtype)
+    dtype = compute_dtype(logp.dtype)
     lp = logp.to(dtype)
     old = lp.detach() if old_logp is None else old_logp.to(dtype)
     m = torch.ones_like(lp) if mask is None else mask.to(dtype)
@@ -471,7 +468,6 @@ def grpo_loss(logp, old_logp, mask, advantages, *, ref_logp=None, entropy=None, 
                        advantages=advantages, ref_logp=ref_logp, entropy=entropy,
                        sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio,
                        num_items_in_batch=num_items_in_batch)
-    check_same_device("logp", logp, advantages=advantages)
     check_grpo_values(logp.shape, mask, validate, logp.device, logp=logp, old_logp=old_logp,
                       advantages=advantages, ref_logp=ref_logp, entropy=entropy,
                       sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio)
@@ -485,7 +481,6 @@ def naive_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                            logit_scale=1.0, **grpo_kwargs):
     """Naive eager GRPO from hidden states (TRL's path: full logits, fp32 log-softmax); the
     entropy is computed (and differentiable) when an option needs it."""
-    from .reference import naive_linear_logprobs
 
     opts = grpo_options(**{k: v for k, v in grpo_kwargs.items() if k not in _TENSOR_KWARGS})
     if opts.needs_entropy:

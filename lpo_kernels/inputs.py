@@ -84,14 +84,11 @@ def check_finite(name: str, x: Tensor | None, where: Tensor | None = None, *,
         raise NonFiniteInputError(f"{name} must be {what}{where_text} (found NaN or inf)")
 
 
-def check_finite_tokens(validate: bool | None, mask: Tensor | None, **tensors) -> None:
-    """Under ``validate`` (see :func:`resolve_validate`): ``mask`` is finite and each named
-    tensor is finite, at the counted tokens (``mask != 0``) where it has the mask's
-    shape (padding values never enter the math), everywhere otherwise (per-sequence
-    values such as advantages or rewards)."""
-    present = [x for x in (mask, *tensors.values()) if isinstance(x, Tensor)]
-    if not present or not resolve_validate(validate, present[0].device):
-        return
+def check_finite_tokens(mask: Tensor | None, **tensors) -> None:
+    """``mask`` is finite and each named tensor is finite, at the counted tokens
+    (``mask != 0``) where it has the mask's shape (padding values never enter the math),
+    everywhere otherwise (per-sequence values such as advantages or rewards). A host sync:
+    callers run it under ``validate``."""
     check_finite("mask", mask)
     counted = None if mask is None else mask != 0
     for name, x in tensors.items():
@@ -178,7 +175,7 @@ def check_listwise_inputs(
                       cu_seqlens=cu_seqlens, **{per_seq_name: per_seq})
 
     if resolve_validate(validate, logp.device):
-        check_finite_tokens(True, mask, logp=logp, old_logp=old_logp, **{per_seq_name: per_seq})
+        check_finite_tokens(mask, logp=logp, old_logp=old_logp, **{per_seq_name: per_seq})
         if mask is not None and bool((mask < 0).any()):
             # Weights that cancel (1, -1) would empty a response that still counts tokens.
             raise ValueError("mask must be >= 0 (it weights tokens: N_k = sum of the mask)")

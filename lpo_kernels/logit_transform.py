@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .reference import compute_dtype
+
 SLICE_COLUMNS = 4096  # vocabulary columns per temporary (tests shrink it to cover slicing)
 
 
@@ -43,10 +45,6 @@ def check_logit_transform(softcap, logit_scale) -> tuple[float | None, float]:
     return (None if softcap is None else float(softcap)), float(logit_scale)
 
 
-def _math_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _column_slices(vocab: int):
     for v0 in range(0, vocab, SLICE_COLUMNS):
         yield v0, min(v0 + SLICE_COLUMNS, vocab)
@@ -56,7 +54,7 @@ def softcap_inplace(logits: Tensor, softcap: float, logit_scale: float) -> None:
     """``logits <- softcap * tanh(logit_scale * logits / softcap)`` (math in fp32/fp64)."""
     for v0, v1 in _column_slices(logits.shape[1]):
         part = logits[:, v0:v1]
-        u = part.to(_math_dtype(part))
+        u = part.to(compute_dtype(part.dtype))
         part.copy_(torch.tanh(u * (logit_scale / softcap)) * softcap)
 
 
@@ -67,7 +65,7 @@ def softcap_grad_inplace(grad_inplace: Callable, capped: Tensor, targets: Tensor
     the row kernel's ``d/d f(u)`` times ``f'(u) = logit_scale * (1 - (f(u)/softcap)^2)``."""
     for v0, v1 in _column_slices(capped.shape[1]):
         part = capped[:, v0:v1]
-        work = part.to(_math_dtype(part))  # the slice itself for fp32/fp64 buffers
+        work = part.to(compute_dtype(part.dtype))  # the slice itself for fp32/fp64 buffers
         chain = (1.0 - (work / softcap).square()).mul_(logit_scale)  # before work is overwritten
         if work.data_ptr() != part.data_ptr():
             work = work.contiguous()

@@ -101,8 +101,9 @@ def segment_amax(x: Tensor, slots: Tensor, n_slots: int) -> Tensor:
 def sequence_scores(batch: ListwiseBatch, seq_reduce: str, dtype: torch.dtype):
     """s_k (unclipped log-ratio per response), N_k, and the per-token delta and mask.
 
-    Returns (scores [B], n_tokens [B] (sum of mask), delta, mask) with delta zeroed at
-    tokens that do not count, so padding values never leak."""
+    Returns (scores [B], n_tokens [B] (sum of mask), delta, mask, seq_index) with delta
+    zeroed at tokens that do not count, so padding values never leak; ``seq_index`` is the
+    packed token->sequence index (None when padded), for the gradient pass to reuse."""
     logp = batch.logp.to(dtype)
     old = logp if batch.old_logp is None else batch.old_logp.to(dtype)
     mask = torch.ones_like(logp) if batch.mask is None else batch.mask.to(dtype)
@@ -116,7 +117,7 @@ def sequence_scores(batch: ListwiseBatch, seq_reduce: str, dtype: torch.dtype):
         scores = summed / torch.where(n_tokens > 0, n_tokens, torch.ones_like(n_tokens))
     else:
         scores = summed
-    return scores, n_tokens, delta, mask
+    return scores, n_tokens, delta, mask, seq_index
 
 
 def pow2_scale(absmax: Tensor) -> Tensor:
@@ -289,19 +290,19 @@ def listwise_forward(batch: ListwiseBatch, options: LPOOptions) -> ListwiseResul
     """The listwise step: scores -> group softmax -> target -> divergence -> per-token
     gradient (spec sections 1-3). Coefficients are constants of the backward."""
     dtype = compute_dtype(batch.logp.dtype)
-    scores, n_tokens, delta, mask = sequence_scores(batch, options.seq_reduce, dtype)
+    scores, n_tokens, delta, mask, seq_index = sequence_scores(batch, options.seq_reduce, dtype)
     slots = group_slots(batch.group_ids, batch.group_size, batch.n_seqs, batch.logp.device)
     return listwise_from_scores(batch, options, scores, n_tokens, batch.scores_source.to(dtype),
-                                slots, delta, mask)
+                                slots, delta, mask, seq_index)
 
 
 def listwise_from_scores(batch: ListwiseBatch, options: LPOOptions, scores: Tensor,
                          n_tokens: Tensor, values: Tensor, slots: Tensor, delta: Tensor,
-                         mask: Tensor) -> ListwiseResult:
+                         mask: Tensor, seq_index: Tensor | None) -> ListwiseResult:
     """The listwise step from per-sequence scores, lengths, target values and group slots.
 
     The first ``batch.n_seqs`` sequences are the batch's own (their tokens get the
-    gradient, per ``delta``/``mask``); any further ones are the same groups' members seen
+    gradient, per ``delta``/``mask``/``seq_index`` from :func:`sequence_scores`); any further ones are the same groups' members seen
     by other calls (``group_stats.py``): they shape P, w* and the loss, and get no gradient
     here. Stats about tokens and sequences count the batch's own only."""
     dtype = scores.dtype
@@ -319,7 +320,6 @@ def listwise_from_scores(batch: ListwiseBatch, options: LPOOptions, scores: Tens
     length = own_n if options.seq_reduce == "mean" else torch.ones_like(own_n)
     seq_scale = torch.where(own_valid, own_coef / torch.where(own_valid, length, torch.ones_like(length)),
                             torch.zeros_like(own_coef))
-    seq_index = token_sequence_index(batch.cu_seqlens, delta.shape[0])
     coef_tok = per_token(own_coef, seq_index)
     clipped_low, clipped_high = clip_masks(delta, coef_tok, options)
     gate = ~(clipped_low | clipped_high)
