@@ -130,10 +130,12 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
         if grads.hidden is not None and mask is not None:
             grads.hidden.zero_()  # padding tokens are in no chunk: their gradient is 0
         entropy_grad = opts.entropy_coef != 0.0
+        # pass 1 already stored every entropy: recompute it only for the entropy gradient
+        entropy_here = want_entropy and (entropy_mask is None or entropy_grad)
         for a, b, tokens, local in chunks:
             logits = _chunk_logits(buffer, head, tokens, padding_free.n_tokens_of(local))
             targets = head.targets[tokens]
-            lse, lp, ent = row_stats(logits, targets, head.inv_temperature, want_entropy)
+            lse, lp, ent = row_stats(logits, targets, head.inv_temperature, entropy_here)
             store(logp, lp, tokens)
             if ent is not None:
                 store(entropy, ent, tokens)
@@ -157,8 +159,9 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                     _logits_grad_with_entropy_inplace(work, to_local(t), lse_rows, ent, g, g_h, inv_t)
             else:
                 logits_grad = grad_inplace
-            _logits_grad(logits_grad, logits, head, targets, lse, g_lp.reshape(-1)[local])
-            grads.add_chunk(logits, head, tokens, None if entropy_grad else g_lp.reshape(-1)[local])
+            g_lp_chunk = g_lp.reshape(-1)[local]
+            _logits_grad(logits_grad, logits, head, targets, lse, g_lp_chunk)
+            grads.add_chunk(logits, head, tokens, None if entropy_grad else g_lp_chunk)
         del buffer
         loss, stats = grpo_forward(logp, old_logp, mask, advantages, ref_logp, opts,
                                    entropy=entropy, sampling_logp=sampling_logp,

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import torch
@@ -52,9 +51,7 @@ from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_wit
                           lpo_group_stats)
 from .logit_transform import check_logit_transform, softcap_grad_inplace, softcap_inplace
 from .inputs import (InputDTypeError, check_finite, check_listwise_inputs, check_same_device,
-                     check_tensor, resolve_validate)
-from .inputs import malformed_offsets, malformed_offsets_error
-from .ops.loss_head import row_kernels
+                     check_tensor, malformed_offsets, malformed_offsets_error, resolve_validate)
 from .options import LPOOptions, check_divisor
 
 MODES = ("fast", "low_memory")

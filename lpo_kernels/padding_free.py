@@ -33,6 +33,7 @@ non-zero), packed input and ``mask=None`` take the unchanged path.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -44,7 +45,6 @@ class Compaction(NamedTuple):
 
     index: Tensor          # [N_real] flat padded positions of the real tokens (row-major)
     cu_seqlens: Tensor     # [B + 1] row offsets in the compacted layout (device, int64)
-    row_counts: list       # [B] host copy of the per-row counts (the call's one host read)
     token_shape: tuple     # (B, T)
 
     @property
@@ -57,18 +57,15 @@ def compaction(mask: Tensor, token_shape: tuple) -> Compaction | None:
     n_rows, seq_len = token_shape
     real = (mask != 0).reshape(n_rows, seq_len)
     counts = real.sum(1)
-    row_counts = counts.tolist()  # the one host read (B ints)
-    n_real = sum(row_counts)
+    offsets = [0, *itertools.accumulate(counts.tolist())]  # the one host read (B ints)
+    n_real = offsets[-1]
     if n_real == n_rows * seq_len:
         return None
     index = torch.nonzero_static(real.reshape(-1), size=n_real).reshape(-1)
     cu_seqlens = torch.zeros(n_rows + 1, dtype=torch.long, device=mask.device)
     torch.cumsum(counts, 0, out=cu_seqlens[1:])
-    offsets = [0]
-    for count in row_counts:
-        offsets.append(offsets[-1] + count)
     cu_seqlens._lpo_host_offsets = offsets  # the fast plan reads these, not the device copy
-    return Compaction(index, cu_seqlens, row_counts, (n_rows, seq_len))
+    return Compaction(index, cu_seqlens, (n_rows, seq_len))
 
 
 def host_offsets(cu_seqlens: Tensor) -> list:

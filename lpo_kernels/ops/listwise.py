@@ -479,13 +479,14 @@ def _segmented_groups_kernel(
     mean = tl.sum(value_acc, axis=0) / tl.maximum(count, 1.0)
     s_sum_exp = tl.sum(exp_acc, axis=0)
 
-    # pass B2: squared deviations of values / scale
+    # pass B2: squared deviations of values / scale (only the grpo target reads them)
     sq_acc = tl.zeros([BLOCK_K], dtype=DTYPE)
-    for c in range(start, end, BLOCK_K):
-        seq, valid, scores, length, values = _load_members(
-            c + k, end, order_ptr, summed_ptr, n_tok_ptr, values_ptr, DTYPE, SEQ_REDUCE)
-        x = tl.where(valid, values / scale - mean, 0.0)
-        sq_acc += x * x
+    if TARGET == "grpo":
+        for c in range(start, end, BLOCK_K):
+            seq, valid, scores, length, values = _load_members(
+                c + k, end, order_ptr, summed_ptr, n_tok_ptr, values_ptr, DTYPE, SEQ_REDUCE)
+            x = tl.where(valid, values / scale - mean, 0.0)
+            sq_acc += x * x
     sum_sq = tl.sum(sq_acc, axis=0)
 
     # pass C: max target logit; pass D: its softmax normaliser
