@@ -48,7 +48,6 @@ micro-batch). Needs ``steps_per_generation`` a multiple of ``gradient_accumulati
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -61,8 +60,8 @@ except ImportError as error:  # pragma: no cover - exercised only without trl
     raise ImportError("lpo_kernels.integrations.trl needs TRL: pip install trl transformers") from error
 
 from ..functional import lpo_loss
+from ..fused_linear import fused_linear_logprobs, fused_linear_lpo_loss
 from ..options import LPOOptions
-from ..reference import naive_linear_logprobs
 
 HEADS = ("auto", "lpo", "trl")
 GROUP_MODES = ("auto", "whole", "stats")
@@ -204,15 +203,6 @@ def maybe_gather_lm_head_ctx(*params):
     return gather(*params)
 
 
-def _fused_linear_lpo_loss():
-    """``lpo_kernels.fused_linear.fused_linear_lpo_loss`` when that module exists, else None."""
-    if importlib.util.find_spec("lpo_kernels.fused_linear") is None:
-        return None
-    from ..fused_linear import fused_linear_lpo_loss
-
-    return fused_linear_lpo_loss
-
-
 def lm_head_transform(config) -> tuple[float | None, float]:
     """``(softcap, logit_scale)`` of a transformers model's logits, read from its config by
     the rules of TRL 1.16's ``add_fused_lm_head`` (``final_logit_softcapping``; the scale from
@@ -291,7 +281,7 @@ class LPOTrainer(GRPOTrainer):
             raise ValueError("lpo_head='lpo' has no MoE aux loss (router_aux_loss_coef) and no differentiable "
                              "entropy (entropy_coef / use_adaptive_entropy); use lpo_head='trl'")
         if head == "auto":
-            head = "lpo" if not (aux or bonus) and _fused_linear_lpo_loss() is not None else "trl"
+            head = "trl" if (aux or bonus) else "lpo"
         return head
 
     def _lpo_weights_need_logp(self) -> bool:
@@ -561,8 +551,8 @@ class LPOTrainer(GRPOTrainer):
         weight, bias = lm_head.weight, lm_head.bias
         return hidden.to(weight.dtype), weight, bias  # cast_lm_head_to_fp32: the head runs in fp32
 
-    def _lpo_head_kwargs(self):
-        return dict(bias=None, temperature=self.temperature, softcap=self.lpo_softcap,
+    def _lpo_head_kwargs(self, bias):
+        return dict(bias=bias, temperature=self.temperature, softcap=self.lpo_softcap,
                     logit_scale=self.lpo_logit_scale, backend=self.lpo_backend)
 
     def _lpo_head_loss(self, model, inputs, mask, advantages, old_logp, others):
@@ -570,33 +560,21 @@ class LPOTrainer(GRPOTrainer):
         (never [B*T, V] logits); soft-capped/scaled logits as the model's config says."""
         hidden, weight, bias = self._lpo_head_inputs(model, inputs)
         completion_ids, group_ids, rewards = inputs["completion_ids"], inputs["lpo_group_ids"], inputs["lpo_rewards"]
-        fused = _fused_linear_lpo_loss()
         with maybe_gather_lm_head_ctx(weight, bias):
-            if fused is not None:
-                loss, stats, head_outputs = fused(
-                    hidden, weight, completion_ids, mask, group_ids, rewards, advantages, old_logp=old_logp,
-                    group_stats=others, return_entropy=True, token_grad_weights=self._lpo_is_ratio(inputs),
-                    **{**self._lpo_head_kwargs(), "bias": bias}, **self.lpo_options)
-                return loss, stats, head_outputs.entropy * inputs["completion_mask"]
-        logp, entropies = self._lpo_head_logps(model, inputs, return_entropy=True)
-        logp = weight_token_grads(logp, self._lpo_is_ratio(inputs))
-        loss, stats = self._lpo_loss_from_logps(logp, old_logp, mask, group_ids, rewards, advantages, others)
-        return loss, stats, entropies * inputs["completion_mask"]
+            loss, stats, head_outputs = fused_linear_lpo_loss(
+                hidden, weight, completion_ids, mask, group_ids, rewards, advantages, old_logp=old_logp,
+                group_stats=others, return_entropy=True, token_grad_weights=self._lpo_is_ratio(inputs),
+                **self._lpo_head_kwargs(bias), **self.lpo_options)
+        return loss, stats, head_outputs.entropy * inputs["completion_mask"]
 
     def _lpo_head_logps(self, model, batch, return_entropy=False):
         """Per-token log-probs (+ detached entropy) through the lpo head: differentiable
         (``fused_linear_logprobs`` recomputes each chunk's logits in its backward)."""
         hidden, weight, bias = self._lpo_head_inputs(model, batch)
-        kwargs = {**self._lpo_head_kwargs(), "bias": bias, "return_entropy": return_entropy}
         with maybe_gather_lm_head_ctx(weight, bias):
-            if importlib.util.find_spec("lpo_kernels.fused_linear") is not None:
-                from ..fused_linear import fused_linear_logprobs
-
-                # Padding-free: the GEMMs run over the completion's real tokens only.
-                return fused_linear_logprobs(hidden, weight, batch["completion_ids"],
-                                             mask=batch["completion_mask"], **kwargs)
-            kwargs.pop("backend")
-            return naive_linear_logprobs(hidden, weight, batch["completion_ids"], **kwargs)
+            # Padding-free: the GEMMs run over the completion's real tokens only.
+            return fused_linear_logprobs(hidden, weight, batch["completion_ids"], mask=batch["completion_mask"],
+                                         return_entropy=return_entropy, **self._lpo_head_kwargs(bias))
 
     # -- 4. metrics -------------------------------------------------------------------------
     def _log_lpo_metrics(self, mode, stats, entropies, mask, per_token_kl, sequence_clip=None):
