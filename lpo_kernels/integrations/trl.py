@@ -588,9 +588,10 @@ class LPOTrainer(GRPOTrainer):
                  "lpo/listwise_entropy", "lpo/target_entropy", "lpo/mean_abs_coef", "lpo/n_groups")
         clip = [stats.clip_fraction_low, stats.clip_fraction_high, stats.clip_fraction]
         if sequence_clip is not None:  # sequence-level gate: share of counted tokens in gated responses
-            count = mask.sum().clamp(min=1.0)
+            n_local = mask.sum().clamp(min=1.0)  # this process's tokens (count is every process's)
             low, high = (torch.broadcast_to(x, mask.shape).float() for x in sequence_clip)
-            clip = [(low * mask).sum() / count, (high * mask).sum() / count, ((low + high) * mask).sum() / count]
+            clip = [(low * mask).sum() / n_local, (high * mask).sum() / n_local,
+                    ((low + high) * mask).sum() / n_local]
         local = torch.stack([*clip, stats.divergence, stats.listwise_entropy, stats.target_entropy,
                              stats.mean_abs_coef, stats.n_groups]).float().to(mask.device)
         means = self.accelerator.gather(local.unsqueeze(0)).mean(0)
