@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from ..group_stats import LPOGroupStats, listwise_forward_with_group_stats
+from ..group_stats import listwise_forward_with_group_stats, lpo_group_stats
 from ..inputs import check_listwise_inputs
 from ..options import LPOOptions
 from .verl_minibatch import (LPOVerlError, MiniBatchPlan, current_micro_rows, current_plan, install_verl_hook,
@@ -146,9 +146,7 @@ def compute_policy_loss_lpo(old_log_prob: torch.Tensor, log_prob: torch.Tensor, 
         clip_eps_low=_config_value(cfg, "clip_ratio_low", clip_ratio),
         clip_eps_high=_config_value(cfg, "clip_ratio_high", clip_ratio), reduction="mean")
 
-    rows = rows.to(plan.local.group_ids.device)
-    own = LPOGroupStats(plan.local.group_ids[rows], plan.local.scores[rows], plan.local.values[rows],
-                        plan.local.n_tokens[rows])
+    own = plan.local[rows.to(plan.local.group_ids.device)]
     values = own.values.to(log_prob.device)
     rewards, seq_adv = (None, values) if lpo_options.target == "advantages" else (values, None)
     mask = response_mask.bool()
@@ -202,14 +200,12 @@ def lpo_minibatch(group_ids: torch.Tensor, log_prob: torch.Tensor, old_log_prob:
     """Outside verl's engine: the pre-pass by hand. ``log_prob`` etc. are the whole
     mini-batch (``[B, R]``, no grad needed); inside the block, loss calls on the rows
     ``rows`` (default: all) are finished with the other rows' records."""
-    from ..group_stats import lpo_group_stats
-
     if target == "advantages" and advantages is not None and advantages.dim() == 2:
         m = response_mask.to(advantages.dtype)
         advantages = (advantages * m).sum(-1) / m.sum(-1).clamp(min=1.0)
     local = lpo_group_stats(log_prob.detach(), old_log_prob, response_mask.bool(), group_ids, rewards, advantages,
                             target=target, seq_reduce=seq_reduce)
-    plan = MiniBatchPlan(local=local, remote=None, n_global=len(local), dp_size=dp_size)
+    plan = MiniBatchPlan(local=local, remote=None, dp_size=dp_size)
     rows = torch.arange(len(local)) if rows is None else rows
     with minibatch_context(plan, rows):
         yield plan

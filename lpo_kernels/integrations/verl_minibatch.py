@@ -55,16 +55,18 @@ class MiniBatchPlan:
 
     local: LPOGroupStats
     remote: LPOGroupStats | None
-    n_global: int           # responses in the whole (all-rank) mini-batch
     dp_size: int
+
+    @property
+    def n_global(self) -> int:
+        """Responses in the whole (all-rank) mini-batch."""
+        return len(self.local) + (0 if self.remote is None else len(self.remote))
 
     def others(self, rows: torch.Tensor) -> LPOGroupStats:
         """Records of every response of the mini-batch except ``rows`` (this rank's)."""
         keep = torch.ones(len(self.local), dtype=torch.bool, device=self.local.scores.device)
         keep[rows.to(keep.device)] = False
-        idx = keep.nonzero().squeeze(-1)
-        mine = LPOGroupStats(self.local.group_ids[idx], self.local.scores[idx], self.local.values[idx],
-                             self.local.n_tokens[idx])
+        mine = self.local[keep]
         return mine if self.remote is None else combine_group_stats([mine, self.remote])
 
 
@@ -176,13 +178,9 @@ def build_plan(engine, data, options: dict, rollout_n) -> MiniBatchPlan:
                             target=target, seq_reduce=options["seq_reduce"])
     dp_group = engine.get_data_parallel_group()
     dp_size = engine.get_data_parallel_size()
-    remote = None
-    n_global = len(local)
-    if dp_size > 1:
-        remote = all_gather_group_stats(local, group=dp_group, exclude_self=True)
-        n_global += len(remote)
+    remote = all_gather_group_stats(local, group=dp_group, exclude_self=True) if dp_size > 1 else None
     _check_split_groups(local, remote, rollout_n, target)
-    return MiniBatchPlan(local=local, remote=remote, n_global=n_global, dp_size=dp_size)
+    return MiniBatchPlan(local=local, remote=remote, dp_size=dp_size)
 
 
 def lpo_config_of(loss_function) -> Any:
