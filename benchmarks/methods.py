@@ -52,29 +52,25 @@ def _grads(loss, inputs):
 
 
 # ============================================================================ loss head
-def gemm_floor(inp, ctx):
-    """The 3 GEMMs any loss head does (logits, grad-hidden, grad-weight), cuBLAS via torch,
-    on random data (the logits stand in for the logits-gradient)."""
-    h = inp["hidden"].detach().reshape(-1, inp["hidden"].shape[-1])
-    w = inp["weight"].detach()
-
+def _three_gemms(h, w):
     def fn():
         logits = h @ w.t()
         return logits @ w, logits.t() @ h
     return fn
+
+
+def gemm_floor(inp, ctx):
+    """The 3 GEMMs any loss head does (logits, grad-hidden, grad-weight), cuBLAS via torch,
+    on random data (the logits stand in for the logits-gradient)."""
+    h = inp["hidden"].detach().reshape(-1, inp["hidden"].shape[-1])
+    return _three_gemms(h, inp["weight"].detach())
 
 
 def gemm_floor_real_tokens(inp, ctx):
     """The same 3 GEMMs over the unmasked tokens only: the floor of a padding-free head
     (the real rows are gathered once, outside the timed call)."""
     h = inp["hidden"].detach().reshape(-1, inp["hidden"].shape[-1])
-    h = h[inp["mask"].reshape(-1) != 0]
-    w = inp["weight"].detach()
-
-    def fn():
-        logits = h @ w.t()
-        return logits @ w, logits.t() @ h
-    return fn
+    return _three_gemms(h[inp["mask"].reshape(-1) != 0], inp["weight"].detach())
 
 
 def naive_grpo_eager(inp, ctx):

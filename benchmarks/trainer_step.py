@@ -36,6 +36,8 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 import torch  # noqa: E402
 
+from benchmarks.cases import _lengths_mask, group_advantages  # noqa: E402
+
 # Qwen2.5 configs (the published config.json values that set the cost), written in code.
 MODELS = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -81,13 +83,11 @@ def synthetic_batch(vocab, groups, group_size, prompt_len, max_len, device, seed
     b = groups * group_size
     prompt_lengths = torch.randint(max(1, prompt_len // 2), prompt_len + 1, (b,), generator=g)
     prompt_mask = (torch.arange(prompt_len)[None, :] >= prompt_len - prompt_lengths[:, None]).long()
-    lengths = torch.randint(max(1, math.ceil(0.1 * max_len)), max_len + 1, (b,), generator=g)
-    completion_mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
+    completion_mask = _lengths_mask(b, max_len, "cpu", g, min_frac=0.1).long()
     prompt_ids = torch.randint(3, vocab, (b, prompt_len), generator=g) * prompt_mask
     completion_ids = torch.randint(3, vocab, (b, max_len), generator=g) * completion_mask
     rewards = torch.randn(b, generator=g)
-    grouped = rewards.view(groups, group_size)
-    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    advantages = group_advantages(rewards, group_size)
     batch = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                  completion_mask=completion_mask, advantages=advantages,
                  num_items_in_batch=completion_mask.sum().float(),
