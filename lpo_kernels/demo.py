@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import platform
 import sys
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from .fused_linear import fused_linear_grpo_loss as linear_grpo_loss
 from .fused_linear import fused_linear_logprobs as linear_logprobs
 from .fused_linear import fused_linear_lpo_loss as linear_lpo_loss
+from . import study_stats
 
 LOSS_HEAD = linear_lpo_loss.__module__
 
@@ -54,6 +54,20 @@ METHODS = {
     "grpo_dapo": ("grpo", {"loss_type": "dapo"}),
 }
 DEMO_METHODS = ["lpo_forward_kl", "lpo_reverse_kl", "grpo"]  # the default run's three
+
+
+def mask_through_first_eos(response: torch.Tensor, eos: int) -> torch.Tensor:
+    """1 up to and including the first EOS (the tokens the policy chose), 0 after."""
+    is_eos = (response == eos).long()
+    return ((torch.cumsum(is_eos, dim=1) - is_eos) == 0).float()
+
+
+def trailing_mean(curves: torch.Tensor, smooth: int) -> torch.Tensor:
+    """Trailing moving average of each row of ``[runs, steps]`` curves (float64), the first
+    steps padded by replication."""
+    kernel = torch.ones(1, 1, smooth, dtype=torch.float64) / smooth
+    padded = F.pad(curves.double()[:, None], (smooth - 1, 0), mode="replicate")
+    return F.conv1d(padded, kernel)[:, 0]
 
 
 # --------------------------------------------------------------------------- the task
@@ -91,10 +105,7 @@ class DigitSumTask:
         return torch.stack([torch.full_like(targets, self.bos), 12 + targets], dim=1)
 
     def response_mask(self, response: torch.Tensor) -> torch.Tensor:
-        """1 up to and including the first EOS (the tokens the policy chose), 0 after."""
-        is_eos = (response == self.eos).long()
-        eos_before = torch.cumsum(is_eos, dim=1) - is_eos
-        return (eos_before == 0).float()
+        return mask_through_first_eos(response, self.eos)
 
     def rewards(self, targets: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
         mask = self.response_mask(response).bool()
@@ -413,12 +424,9 @@ class Progress:
 
 
 def mean_std(values: list):
+    """Mean and Bessel-corrected std of the values that are not None; (None, None) if none."""
     values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, std
+    return study_stats.mean_std(values) if values else (None, None)
 
 
 def summarize(runs: list, cfg: Config) -> dict:
@@ -472,10 +480,7 @@ def plot(runs: list, cfg: Config, path: str) -> bool:
     for method in cfg.methods:
         for ax, key in zip(axes, ("reward", "entropy")):
             curves = torch.tensor([r["curves"][key] for r in runs if r["method"] == method]).double()
-            # trailing moving average, then mean +- std over seeds
-            kernel = torch.ones(1, 1, cfg.smooth).double() / cfg.smooth
-            padded = F.pad(curves[:, None], (cfg.smooth - 1, 0), mode="replicate")
-            smooth = F.conv1d(padded, kernel)[:, 0]
+            smooth = trailing_mean(curves, cfg.smooth)  # then mean +- std over seeds
             mean = smooth.mean(0)
             std = smooth.std(0) if smooth.shape[0] > 1 else torch.zeros_like(mean)
             ax.plot(steps, mean, label=method)

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import demo
-from .study_stats import mean_std, paired_t_test, t_interval, wilcoxon_signed_rank
+from .study_stats import mean_std, paired_t_test, t_interval, t_ppf, wilcoxon_signed_rank
 
 
 # --------------------------------------------------------------------------- second task
@@ -80,9 +80,7 @@ class SortTask:
         return torch.cat([torch.full_like(targets[:, None], self.bos), self._digits(targets)], 1)
 
     def response_mask(self, response: torch.Tensor) -> torch.Tensor:
-        """1 up to and including the first EOS (the tokens the policy chose), 0 after."""
-        is_eos = (response == self.eos).long()
-        return ((torch.cumsum(is_eos, dim=1) - is_eos) == 0).float()
+        return demo.mask_through_first_eos(response, self.eos)
 
     def rewards(self, targets: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
         want = torch.cat([self._digits(targets).sort(dim=1).values,
@@ -249,13 +247,9 @@ def analyse(runs: list, methods: list, run_cfg: dict) -> dict:
 
 def _curve_band(curves: list, smooth: int):
     """Trailing moving average per seed, then mean and 95% t half-width over seeds."""
-    x = torch.tensor(curves, dtype=torch.float64)
-    kernel = torch.ones(1, 1, smooth, dtype=torch.float64) / smooth
-    padded = torch.nn.functional.pad(x[:, None], (smooth - 1, 0), mode="replicate")
-    x = torch.nn.functional.conv1d(padded, kernel)[:, 0]
+    x = demo.trailing_mean(torch.tensor(curves, dtype=torch.float64), smooth)
     mean = x.mean(0)
     n = x.shape[0]
-    from .study_stats import t_ppf
     half = (t_ppf(0.975, n - 1) * x.std(0) / math.sqrt(n)) if n > 1 else torch.zeros_like(mean)
     return mean, half
 
@@ -346,7 +340,8 @@ def report(cfg: StudyConfig, out: str, verbose: bool = True) -> dict:
         with open(os.path.join(out, name, "settings.json")) as f:
             settings = json.load(f)
         methods = [m for m in cfg.methods if any(r["method"] == m for r in runs)]
-        settings.setdefault("machine", demo.machine_info(cfg.run_config()))  # (older runs)
+        if "machine" not in settings:  # (older runs)
+            settings["machine"] = demo.machine_info(cfg.run_config())
         tasks[name] = {**settings, "methods": methods,
                        "seeds": len({r["seed"] for r in runs}),
                        "run_seconds": round(sum(r.get("seconds", 0.0) for r in runs), 1),
