@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused_linear import (HeadOutputs, _attach, _check_chunk_tokens, _check_head,
-                           _check_head_finite, _check_targets_in_vocab, _chunk_logits, _Grads,
-                           _logits_grad, _needs_grad, _new_buffer)
+from .fused_linear import (HeadOutputs, _attach, _check_chunk_tokens, _check_head, _chunk_logits, _Grads,
+                           _logits_grad, _needs_grad, _new_buffer, _vocab_shard_checked)
 from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, check_grpo_values, grpo_forward,
                    grpo_options, high_entropy_mask)
 from . import padding_free  # padded input: the GEMMs over the real (mask != 0) tokens only
@@ -86,12 +85,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     check_grpo_values(shape, mask, validate, hidden.device, old_logp=old_logp, advantages=advantages,
                       ref_logp=ref_logp, sampling_logp=sampling_logp,
                       importance_sampling_ratio=importance_sampling_ratio)
-    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
-    if shard is None:
-        _check_targets_in_vocab(head, mask, validate)
-    else:
-        shard.check_inputs(head, mask, validate)
-    _check_head_finite(head, mask, validate)  # hidden at counted tokens, weight, bias
+    shard = _vocab_shard_checked(head, mask, validate, tp_group, vocab_start)  # None: one process
     vocab = head.weight.shape[0] if shard is None else None  # global ids are checked by the shard
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
     # chunks of whole rows holding only their real tokens: (rows a:b, their flat token

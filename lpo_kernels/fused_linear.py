@@ -51,7 +51,8 @@ from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_wit
                           lpo_group_stats)
 from .logit_transform import check_logit_transform, softcap_grad_inplace, softcap_inplace
 from .inputs import (InputDTypeError, check_finite, check_listwise_inputs, check_same_device,
-                     check_tensor, malformed_offsets, malformed_offsets_error, resolve_validate)
+                     check_targets_in_vocab, check_tensor, malformed_offsets, malformed_offsets_error,
+                     resolve_validate)
 from .options import LPOOptions, check_divisor
 
 MODES = ("fast", "low_memory")
@@ -125,14 +126,16 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend,
                  backend, reference.compute_dtype(hidden.dtype), softcap, logit_scale)
 
 
-def _check_targets_in_vocab(head: _Head, mask: Tensor | None, validate) -> None:
-    """Counted tokens must have a target in [0, V) (host sync: behind ``validate``)."""
-    if not resolve_validate(validate, head.hidden.device):
-        return
-    counted = torch.ones_like(head.targets, dtype=torch.bool) if mask is None else mask.reshape(-1) != 0
-    bad = counted & ((head.targets < 0) | (head.targets >= head.weight.shape[0]))
-    if bool(bad.any()):
-        raise ValueError(f"target_ids of counted tokens must lie in [0, {head.weight.shape[0]})")
+def _vocab_shard_checked(head: _Head, mask: Tensor | None, validate, tp_group, vocab_start):
+    """The call's vocabulary shard (None: one process), after the value checks behind
+    ``validate``: counted targets in the (global) vocabulary, finite head inputs."""
+    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)
+    if shard is not None:
+        shard.check_inputs(head, mask, validate)
+    elif resolve_validate(validate, head.hidden.device):
+        check_targets_in_vocab(head.targets, mask, head.weight.shape[0])
+    _check_head_finite(head, mask, validate)
+    return shard
 
 
 def _check_head_finite(head: _Head, mask: Tensor | None, validate) -> None:
@@ -506,12 +509,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                                   options=options, cu_seqlens=cu_seqlens, group_size=group_size,
                                   validate=validate)
     check_same_device("hidden", hidden, mask=mask, old_logp=old_logp, group_ids=group_ids)
-    shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
-    if shard is None:
-        _check_targets_in_vocab(head, mask, validate)
-    else:
-        shard.check_inputs(head, mask, validate)
-    _check_head_finite(head, mask, validate)
+    shard = _vocab_shard_checked(head, mask, validate, tp_group, vocab_start)  # None: one process
     if group_stats is not None:
         others = check_group_stats(group_stats, hidden.device, options, validate)
         if group_ids is None:

@@ -41,6 +41,14 @@ def check_same_device(ref_name: str, ref: Tensor, **others) -> None:
             raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
+def check_targets_in_vocab(targets: Tensor, mask: Tensor | None, vocab: int, where: str = "") -> None:
+    """Counted tokens (``mask != 0``; all without a mask) have a target in [0, vocab).
+    A host sync: callers run it under ``validate``."""
+    counted = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.reshape(-1) != 0
+    if bool((counted & ((targets < 0) | (targets >= vocab))).any()):
+        raise ValueError(f"target_ids of counted tokens must lie in [0, {vocab}){where}")
+
+
 def malformed_offsets(cu_seqlens: Tensor, n_tokens: int) -> Tensor:
     """How many offsets break ``0 = cu[0] <= cu[1] <= ... <= cu[B] = N`` (0-dim int64, no
     host sync): offset i counts once if it lies outside [0, N], is below offset i-1, or is

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .inputs import resolve_validate
+from .inputs import check_targets_in_vocab, resolve_validate
 from .ops.loss_head import row_kernels as _plain_row_kernels
 
 
@@ -96,12 +96,8 @@ class VocabShard:
         if not torch.allclose(everyone, everyone[:1].expand_as(everyone), rtol=1e-9, atol=1e-9):
             raise ValueError("hidden and target_ids must be the same on every rank of tp_group "
                              "(with sequence parallelism, gather the sequence first)")
-        vocab = sum(sizes)
-        targets = head.targets
-        counted = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask.reshape(-1) != 0
-        if bool((counted & ((targets < 0) | (targets >= vocab))).any()):
-            raise ValueError(f"target_ids of counted tokens must lie in [0, {vocab}) (the "
-                             f"global vocabulary of the tensor-parallel group)")
+        check_targets_in_vocab(head.targets, mask, sum(sizes),
+                               " (the global vocabulary of the tensor-parallel group)")
 
 
 def vocab_shard(tp_group, weight: Tensor, vocab_start=None) -> VocabShard | None:
