@@ -72,7 +72,9 @@ def softcap_grad_inplace(grad_inplace: Callable, capped: Tensor, targets: Tensor
         # Column slice: the one-hot term lands only in the slice that holds the target
         # (targets outside [0, v1 - v0) after the shift get none, as the row kernels specify).
         grad_inplace(work, targets - v0, lse, grad_logp, inv_temperature)
-        work.mul_(chain)
+        # an exact-zero gradient stays 0 over NaN logits (rows without gradient, as the row
+        # kernels write them), instead of 0 * NaN
+        work.mul_(chain.masked_fill_(work == 0, 0.0))
         if work.data_ptr() != part.data_ptr():
             part.copy_(work)
 

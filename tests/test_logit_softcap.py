@@ -150,3 +150,27 @@ def test_bad_transform_options_raise(bad, error):
         fused_linear_logprobs(case["hidden"], case["weight"], case["target_ids"].clamp(min=0), **bad)
     with pytest.raises(error, match=name):
         FusedLinearLPOLoss(**bad)
+
+
+@pytest.mark.parametrize("mode", ["fast", "low_memory"])
+def test_nan_hidden_at_uncounted_tokens_reaches_nothing_with_a_cap(mode):
+    """Packed input, masked tokens holding NaN hidden states: with a soft-cap the chain
+    factor of those rows is NaN, but their gradient is exactly 0 and stays so (it used to be
+    0 * NaN = NaN, spreading to grad-weight)."""
+    case = scaled_case(torch.float64, seed=6, packed=True)
+    masked = ~case["mask"]
+    assert bool(masked.any())
+    runs = []
+    for fill in (float("nan"), 0.0):
+        hidden = case["hidden"].clone()
+        hidden[masked] = fill
+        p = leaves({**case, "hidden": hidden})
+        loss, _ = fused_linear_lpo_loss(p["hidden"], p["weight"], case["target_ids"], case["mask"],
+                                        case["group_ids"], case["rewards"], bias=p["bias"],
+                                        old_logp=case["old_logp"], cu_seqlens=case["cu_seqlens"], mode=mode,
+                                        chunk_tokens=12, softcap=1.5, backend="torch", validate=False)
+        loss.backward()
+        runs.append(p)
+    for name in ("hidden", "weight", "bias"):
+        assert bool(torch.isfinite(runs[0][name].grad).all()), name
+        assert_close(runs[0][name].grad, runs[1][name].grad, atol=1e-14, rtol=1e-12, name=name)
