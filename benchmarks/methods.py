@@ -143,7 +143,7 @@ def cce_grpo(inp, ctx):
     return fn
 
 
-def _lpo_fused(mode: str, backend: str, grad_weight_fp32: bool = True):
+def _lpo_fused(mode: str, backend: str, grad_weight_fp32="auto"):
     def factory(inp, ctx):
         _needs_backend(ctx, backend)
         mod = _import("lpo_kernels.fused_linear", "lpo_kernels.fused_linear")
@@ -156,7 +156,7 @@ def _lpo_fused(mode: str, backend: str, grad_weight_fp32: bool = True):
             return _grads(loss, [inp["hidden"], inp["weight"]])
         return fn
     factory.__doc__ = (f"lpo-kernels fused_linear_lpo_loss(mode={mode!r}, backend={backend!r}, "
-                       f"grad_weight_fp32={grad_weight_fp32}).")
+                       f"grad_weight_fp32={grad_weight_fp32!r}).")
     return factory
 
 
@@ -172,9 +172,10 @@ HEAD_METHODS = {
     "lpo_fused_low_memory_triton": _lpo_fused("low_memory", "triton"),
     "lpo_fused_fast_cuda": _lpo_fused("fast", "cuda"),
     "lpo_fused_low_memory_cuda": _lpo_fused("low_memory", "cuda"),
-    # grad-weight accumulated in the weight's dtype (bf16), as Liger/autograd do
+    # fast mode's grad-weight sum over chunks forced either way (the default "auto" picks
+    # the weight's dtype for <= 2 chunks, else fp32; low_memory has no such choice)
     "lpo_fused_fast_triton_gw16": _lpo_fused("fast", "triton", grad_weight_fp32=False),
-    "lpo_fused_low_memory_triton_gw16": _lpo_fused("low_memory", "triton", grad_weight_fp32=False),
+    "lpo_fused_fast_triton_gw32": _lpo_fused("fast", "triton", grad_weight_fp32=True),
 }
 
 
@@ -382,7 +383,7 @@ PARITY = {
     "liger_triton_grpo": "naive_grpo_eager",
     "cce_grpo": "naive_grpo_eager",
     **{f"lpo_fused_{m}_{b}": "naive_lpo_eager" for m in ("fast", "low_memory") for b in ("triton", "cuda")},
-    **{f"lpo_fused_{m}_triton_gw16": "naive_lpo_eager" for m in ("fast", "low_memory")},
+    **{f"lpo_fused_fast_triton_gw{b}": "naive_lpo_eager" for b in (16, 32)},
     **{f"listwise_{b}": "listwise_eager" for b in ("compile", "triton", "cuda")},
     "trl_logp_plus_entropy": "naive_head_logp_entropy",
     "lpo_fused_logp_entropy": "naive_head_logp_entropy",

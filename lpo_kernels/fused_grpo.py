@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused_linear import (HeadOutputs, _attach, _check_chunk_tokens, _check_head, _chunk_logits, _Grads,
-                           _logits_grad, _needs_grad, _new_buffer, _vocab_shard_checked)
+from .fused_linear import (HeadOutputs, _attach, _check_chunk_tokens, _check_head, _needs_grad,
+                           _vocab_shard_checked)
+from .head_chunk import Grads, check_grad_weight_fp32, chunk_logits, logits_grad, new_buffer, weight_accumulates_fp32
 from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, check_grpo_values, grpo_forward,
                    grpo_options, high_entropy_mask)
 from . import padding_free  # padded input: the GEMMs over the real (mask != 0) tokens only
@@ -54,7 +55,7 @@ def _logits_grad_with_entropy_inplace(logits: Tensor, targets: Tensor, lse: Tens
 def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
                            temperature=1.0, old_logp=None, ref_logp=None, sampling_logp=None,
                            importance_sampling_ratio=None, num_items_in_batch=None,
-                           chunk_tokens=None, backend="auto", grad_weight_fp32=True,
+                           chunk_tokens=None, backend="auto", grad_weight_fp32="auto",
                            return_logp=False, return_entropy=False, validate=None, softcap=None,
                            logit_scale=1.0, tp_group=None, vocab_start=None, **options):
     """The GRPO loss family (``grpo.grpo_loss``, TRL 1.16's conventions and option names)
@@ -88,6 +89,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     shard = _vocab_shard_checked(head, mask, validate, tp_group, vocab_start)  # None: one process
     vocab = head.weight.shape[0] if shard is None else None  # global ids are checked by the shard
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
+    grad_weight_fp32 = check_grad_weight_fp32(grad_weight_fp32)
     # chunks of whole rows holding only their real tokens: (rows a:b, their flat token
     # positions, the same relative to row a); with a mask, one host read of the B row counts
     chunks = padding_free.row_chunks(mask, shape, chunk_tokens)
@@ -110,24 +112,24 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
         out.view(-1)[tokens] = torch.where(written[tokens], values.to(dtype), 0.0)
 
     with torch.no_grad():
-        buffer = _new_buffer(head, max((padding_free.n_tokens_of(c[3]) for c in chunks), default=1))
+        buffer = new_buffer(head, max((padding_free.n_tokens_of(c[3]) for c in chunks), default=1))
         entropy_mask = None
         if opts.top_entropy_quantile < 1.0:  # pass 1: the quantile needs every entropy first
             for a, b, tokens, local in chunks:
-                logits = _chunk_logits(buffer, head, tokens, padding_free.n_tokens_of(local))
+                logits = chunk_logits(buffer, head, tokens, padding_free.n_tokens_of(local))
                 _, _, ent = row_stats(logits, head.targets[tokens], head.inv_temperature, True)
                 store(entropy, ent, tokens)
             entropy_mask = high_entropy_mask(entropy, mask, opts.top_entropy_quantile)
         scope = batch_scope(mask, shape, opts, num_items_in_batch, entropy_mask, dtype=dtype,
                             device=hidden.device)
-        grads = _Grads(head, *needs, grad_weight_fp32=grad_weight_fp32)
+        grads = Grads(head, *needs, grad_weight_fp32=weight_accumulates_fp32(grad_weight_fp32, len(chunks)))
         if grads.hidden is not None and mask is not None:
             grads.hidden.zero_()  # padding tokens are in no chunk: their gradient is 0
         entropy_grad = opts.entropy_coef != 0.0
         # pass 1 already stored every entropy: recompute it only for the entropy gradient
         entropy_here = want_entropy and (entropy_mask is None or entropy_grad)
         for a, b, tokens, local in chunks:
-            logits = _chunk_logits(buffer, head, tokens, padding_free.n_tokens_of(local))
+            logits = chunk_logits(buffer, head, tokens, padding_free.n_tokens_of(local))
             targets = head.targets[tokens]
             lse, lp, ent = row_stats(logits, targets, head.inv_temperature, entropy_here)
             store(logp, lp, tokens)
@@ -149,12 +151,12 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
             g_lp, g_h = (torch.zeros_like(lp_leaf) if g is None else g
                          for g in (list(token_grads) + [None])[:2])
             if entropy_grad:  # same contract as the row kernel's (column slices included)
-                def logits_grad(work, t, lse_rows, g, inv_t, ent=ent, g_h=g_h.reshape(-1)[local]):
+                def grad_kernel(work, t, lse_rows, g, inv_t, ent=ent, g_h=g_h.reshape(-1)[local]):
                     _logits_grad_with_entropy_inplace(work, to_local(t), lse_rows, ent, g, g_h, inv_t)
             else:
-                logits_grad = grad_inplace
+                grad_kernel = grad_inplace
             g_lp_chunk = g_lp.reshape(-1)[local]
-            _logits_grad(logits_grad, logits, head, targets, lse, g_lp_chunk)
+            logits_grad(grad_kernel, logits, head, targets, lse, g_lp_chunk)
             grads.add_chunk(logits, head, tokens, None if entropy_grad else g_lp_chunk)
         del buffer
         loss, stats = grpo_forward(logp, old_logp, mask, advantages, ref_logp, opts,

@@ -22,13 +22,18 @@ Modes (both exact; the listwise math is ``functional.listwise_forward_impl`` /
   sequences by group and cut on group boundaries. ``low_memory`` never syncs.
 - ``low_memory``: pass 1 over token chunks (``chunk_tokens``, default 1024) computes
   lse/logp only; the whole-batch listwise step computes every token's gradient; pass 2
-  recomputes each chunk's logits and forms the gradients. 8·N·H·V FLOPs. Extra memory:
-  grads + ``chunk_tokens x V`` whatever the group length.
+  recomputes the logits by vocabulary blocks and forms the gradients
+  (``vocab_blocks.py``: each grad-weight row from one GEMM over every token). 8·N·H·V
+  FLOPs. Extra memory: grads + a ``chunk_tokens x V`` tile + an fp32 N x H grad-hidden
+  accumulator, whatever the group length.
 
-grad-weight accumulates in fp32 by default (a V x H fp32 buffer, 4·V·H bytes; summed over
-vocabulary slices so no V x H temporary in the weight dtype is made);
-``grad_weight_fp32=False`` accumulates in the weight's dtype (saves 2·V·H bytes for
-bf16, with one rounding per chunk).
+grad-weight (fast mode, and the GRPO head: one pass, the chunks' parts are added):
+``grad_weight_fp32="auto"`` (default) adds them in the weight's dtype while the plan has at
+most ``head_chunk.AUTO_WEIGHT_DTYPE_MAX_CHUNKS`` (2) chunks, one rounding per added chunk
+(bf16 error <= 1.12x plain PyTorch's, measured), and in an fp32 V x H accumulator (4·V·H
+bytes) above that; True / False force the accumulator / the weight's dtype. low_memory and
+the log-probs' backward form each grad-weight row in one GEMM over every token
+(``vocab_blocks.py``): one rounding whatever the flag, and no V x H accumulator.
 
 ``backend``: ``torch`` (plain PyTorch row functions; the default on CPU), ``triton``
 (default on CUDA), ``cuda`` (``lpo_kernels/cuda.py``). The GEMMs are torch (cuBLAS).
@@ -37,7 +42,6 @@ bf16, with one rounding per chunk).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import torch
@@ -49,7 +53,11 @@ from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 from .functional import first_order_only, listwise_forward_impl, resolve_backend
 from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_with_group_stats,
                           lpo_group_stats)
-from .logit_transform import check_logit_transform, softcap_grad_inplace, softcap_inplace
+from .head_chunk import (Grads, Head, VOCAB_SLICE, check_grad_weight_fp32, chunk_logits,
+                         logit_storage_scale, logits_grad, new_buffer, weight_accumulates_fp32)
+from .ops.loss_head import row_kernels as plain_row_kernels
+from .vocab_blocks import vocab_blocked_grads
+from .logit_transform import check_logit_transform
 from .inputs import (InputDTypeError, check_finite, check_listwise_inputs, check_same_device,
                      check_targets_in_vocab, check_tensor, malformed_offsets, malformed_offsets_error,
                      resolve_validate)
@@ -57,11 +65,6 @@ from .options import LPOOptions, check_divisor
 
 MODES = ("fast", "low_memory")
 DEFAULT_CHUNK_TOKENS = {"fast": 8192, "low_memory": 1024}
-_VOCAB_SLICE = 8192  # rows of grad-weight summed per GEMM when accumulating in fp32
-# fp16 logits overflow above 65504: an fp16 chunk buffer holds logits * 2^-8 (applied in
-# the GEMM's fp32 epilogue; a power of two, so only values in fp16's subnormal range, |z|
-# < 0.016, lose bits, < 1e-5 absolute) and the row kernels read it back with 2^8 / T.
-_FP16_LOGIT_STORAGE_SCALE = 2.0 ** -8
 
 
 class HeadOutputs(NamedTuple):
@@ -74,23 +77,8 @@ class HeadOutputs(NamedTuple):
 
 
 # --------------------------------------------------------------------------- inputs
-class _Head(NamedTuple):
-    """Checked loss-head tensors, flattened to token rows."""
-
-    hidden: Tensor       # [N, H]
-    weight: Tensor       # [V, H]
-    bias: Tensor | None  # [V]
-    targets: Tensor      # [N] int64
-    token_shape: tuple   # [B, T] or [N]
-    inv_temperature: float
-    backend: str
-    logp_dtype: torch.dtype
-    softcap: float | None = None  # logits f(u) = softcap*tanh(logit_scale*u/softcap) / T
-    logit_scale: float = 1.0      # (without a cap, folded into inv_temperature)
-
-
 def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend,
-                softcap=None, logit_scale=1.0) -> _Head:
+                softcap=None, logit_scale=1.0) -> Head:
     check_tensor("hidden", hidden, floating=True, dim=2 if packed else 3)
     check_tensor("weight", weight, floating=True, dim=2)
     check_tensor("target_ids", target_ids, floating=False, dim=1 if packed else 2)
@@ -119,14 +107,14 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend,
     flat = hidden.reshape(-1, hidden.shape[-1])
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    return _Head(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
+    return Head(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
                  target_ids.reshape(-1).long(), tuple(hidden.shape[:-1]),
                  (1.0 if softcap is not None else logit_scale) / float(temperature)
-                 / _logit_storage_scale(hidden.dtype, softcap),
+                 / logit_storage_scale(hidden.dtype, softcap),
                  backend, reference.compute_dtype(hidden.dtype), softcap, logit_scale)
 
 
-def _vocab_shard_checked(head: _Head, mask: Tensor | None, validate, tp_group, vocab_start):
+def _vocab_shard_checked(head: Head, mask: Tensor | None, validate, tp_group, vocab_start):
     """The call's vocabulary shard (None: one process), after the value checks behind
     ``validate``: counted targets in the (global) vocabulary, finite head inputs."""
     shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)
@@ -138,10 +126,10 @@ def _vocab_shard_checked(head: _Head, mask: Tensor | None, validate, tp_group, v
     return shard
 
 
-def _check_head_finite(head: _Head, mask: Tensor | None, validate) -> None:
+def _check_head_finite(head: Head, mask: Tensor | None, validate) -> None:
     """Counted tokens need a finite hidden state; weight and bias must be finite (bias may
     be -inf: banned tokens). Host sync: behind ``validate``. Hidden states of tokens that
-    do not count may be anything (they get no gradient, see ``_Grads.add_chunk``)."""
+    do not count may be anything (they get no gradient, see ``Grads.add_chunk``)."""
     if not resolve_validate(validate, head.hidden.device):
         return
     counted = None if mask is None else (mask.reshape(-1) != 0)[:, None]
@@ -156,125 +144,6 @@ def _check_chunk_tokens(chunk_tokens, mode) -> int:
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     return chunk_tokens
-
-
-# --------------------------------------------------------------------------- one chunk
-class _Grads:
-    """Gradient buffers of the head, allocated only for tensors that need them."""
-
-    def __init__(self, head: _Head, hidden_req: bool, weight_req: bool, bias_req: bool,
-                 grad_weight_fp32: bool):
-        w = head.weight
-        self.hidden = torch.empty_like(head.hidden) if hidden_req else None
-        acc = torch.float32 if grad_weight_fp32 and w.dtype != torch.float64 else w.dtype
-        self.weight = torch.zeros(w.shape, dtype=acc, device=w.device) if weight_req else None
-        self.bias = (torch.zeros(w.shape[0], dtype=acc, device=w.device)
-                     if bias_req and head.bias is not None else None)
-
-    def add_chunk(self, grad_logits: Tensor, head: _Head, rows, row_grad: Tensor | None = None) -> None:
-        """grad_logits [n, V] (overwritten logits) -> grad-hidden rows, += grad-weight/bias.
-
-        ``row_grad`` [n]: the chunk's d loss / d logp. Rows where it is 0 (padding, masked
-        or clipped tokens) contribute exactly nothing: the row kernels write zeros there
-        and their hidden states are zeroed for the grad-weight GEMM, so a NaN hidden
-        state at a padding token cannot reach grad-weight through 0 * NaN."""
-        h = head.hidden[rows]
-        if self.weight is not None and row_grad is not None:
-            h = torch.where((row_grad != 0)[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
-        # d/du = s * d/d(stored) for logits stored times s (fp16: 2^-8, exact), applied in
-        # the GEMMs' fp32 epilogues (alpha)
-        s = _logit_storage_scale(head.hidden.dtype, head.softcap)
-        zero = torch.zeros((), dtype=grad_logits.dtype, device=grad_logits.device)
-        if self.hidden is not None:
-            if isinstance(rows, slice) and s == 1.0:
-                torch.mm(grad_logits, head.weight, out=self.hidden[rows])
-            elif isinstance(rows, slice):
-                torch.addmm(zero, grad_logits, head.weight, beta=0.0, alpha=s, out=self.hidden[rows])
-            else:
-                self.hidden.index_copy_(0, rows, torch.addmm(zero, grad_logits, head.weight, beta=0.0, alpha=s))
-        if self.weight is not None:
-            if self.weight.dtype == grad_logits.dtype:
-                self.weight.addmm_(grad_logits.t(), h, alpha=s)
-            elif _gemm_accumulates_fp32(grad_logits.device, grad_logits.dtype):
-                # one cuBLAS GEMM with bf16/fp16 operands and an fp32 C: no temporary
-                torch.addmm(self.weight, grad_logits.t(), h, out_dtype=self.weight.dtype, alpha=s,
-                            out=self.weight)
-            else:  # fp32 accumulator, low-precision GEMM: slice the vocabulary so the
-                # temporary is _VOCAB_SLICE x H, not V x H. On the CPU the operands are
-                # upcast so each chunk's product is summed in fp32, not rounded first.
-                upcast = grad_logits.device.type == "cpu"
-                h_acc = h.to(self.weight.dtype) if upcast else h
-                for v0 in range(0, self.weight.shape[0], _VOCAB_SLICE):
-                    v1 = min(v0 + _VOCAB_SLICE, self.weight.shape[0])
-                    g = grad_logits[:, v0:v1].t()
-                    if upcast:
-                        self.weight[v0:v1].addmm_(g.to(self.weight.dtype), h_acc, alpha=s)
-                    else:
-                        self.weight[v0:v1].add_(torch.addmm(zero, g, h_acc, beta=0.0, alpha=s))
-        if self.bias is not None:
-            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype), alpha=s)
-
-
-def _gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(fp32, half, half, out_dtype=fp32, out=fp32)`` works here
-    (CUDA, recent torch). Probed once per (device type, dtype) on a tiny problem."""
-    return device.type == "cuda" and _probe_fp32_accumulating_gemm(device, dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _probe_fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
-    try:
-        a = torch.randn(16, 8, device=device).to(dtype)
-        b = torch.randn(8, 32, device=device).to(dtype)
-        acc = torch.ones(16, 32, device=device)
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        return bool(torch.allclose(acc, 1.0 + a.float() @ b.float(), rtol=1e-2, atol=1e-2))
-    except (RuntimeError, TypeError):
-        return False
-
-
-def _chunk_logits(buffer: Tensor, head: _Head, rows, n: int) -> Tensor:
-    """One GEMM into the reused buffer: logits = h W^T (+ b) for the chunk's rows, then
-    soft-capped in place when the head has a cap (``logit_transform.py``); fp16 logits
-    are stored times ``_logit_storage_scale`` (``head.inv_temperature`` undoes it)."""
-    logits = buffer[:n]
-    h = head.hidden[rows]
-    scale = _logit_storage_scale(head.hidden.dtype, head.softcap)
-    if scale != 1.0:
-        bias = head.bias if head.bias is not None else torch.zeros((), dtype=h.dtype, device=h.device)
-        torch.addmm(bias, h, head.weight.t(), beta=scale if head.bias is not None else 0.0,
-                    alpha=scale, out=logits)
-    elif head.bias is None:
-        torch.mm(h, head.weight.t(), out=logits)
-    else:
-        torch.addmm(head.bias, h, head.weight.t(), out=logits)
-    if head.softcap is not None:
-        softcap_inplace(logits, head.softcap, head.logit_scale)
-    return logits
-
-
-def _logit_storage_scale(dtype: torch.dtype, softcap: float | None) -> float:
-    """What ``_chunk_logits`` multiplies the logits by in the buffer: 2^-8 for fp16 without
-    a soft-cap (a cap bounds what it stores, and saturates to +-cap on a GEMM output of
-    +-inf: finite either way), else 1. ``head.inv_temperature`` maps stored values to z
-    (so it holds 2^8 / T then): the row kernels see true z, and the logits-gradient they
-    write is d/d(stored) = 2^8 d/du, which ``_Grads.add_chunk`` scales back."""
-    return _FP16_LOGIT_STORAGE_SCALE if dtype == torch.float16 and softcap is None else 1.0
-
-
-def _logits_grad(grad_inplace, logits: Tensor, head: _Head, targets, lse, grad_logp) -> None:
-    """Overwrite a chunk's (transformed) logits with d loss / d (h W^T + b): the row
-    kernel's softmax gradient, chained through the soft-cap when there is one."""
-    if head.softcap is None:
-        grad_inplace(logits, targets, lse, grad_logp, head.inv_temperature)
-    else:
-        softcap_grad_inplace(grad_inplace, logits, targets, lse, grad_logp, head.inv_temperature,
-                             head.softcap, head.logit_scale)
-
-
-def _new_buffer(head: _Head, rows: int) -> Tensor:
-    return torch.empty(max(rows, 1), head.weight.shape[0], dtype=head.hidden.dtype,
-                       device=head.hidden.device)
 
 
 # --------------------------------------------------------------------------- chunk plans
@@ -408,19 +277,19 @@ def _scaled_cast(grad: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
         return grad.mul_(s.to(dtype))
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
     s = s.to(grad.dtype)
-    for v0 in range(0, grad.shape[0], _VOCAB_SLICE):
-        torch.mul(grad[v0:v0 + _VOCAB_SLICE], s, out=out[v0:v0 + _VOCAB_SLICE])
+    for v0 in range(0, grad.shape[0], VOCAB_SLICE):
+        torch.mul(grad[v0:v0 + VOCAB_SLICE], s, out=out[v0:v0 + VOCAB_SLICE])
     return out
 
 
-def _attach(loss, scale, grads: _Grads, hidden, weight, bias):
+def _attach(loss, scale, grads: Grads, hidden, weight, bias):
     if grads.hidden is None and grads.weight is None and grads.bias is None:
         return loss
     return _AttachHeadGrads.apply(loss, scale, grads.hidden, grads.weight, grads.bias,
                                   hidden, weight, bias)
 
 
-def _check_token_grad_weights(weights, head: _Head, device) -> Tensor | None:
+def _check_token_grad_weights(weights, head: Head, device) -> Tensor | None:
     """``token_grad_weights`` broadcast to the token shape and flattened (None: all 1)."""
     if weights is None:
         return None
@@ -438,12 +307,20 @@ def _needs_grad(*tensors):
     return [torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors]
 
 
+def _vocab_blocked_grads(head: Head, needs, shard, lse: Tensor, token_grad: Tensor, chunk_tokens: int):
+    """The two-pass head's gradients (``vocab_blocks.py``), with a tile of ``chunk_tokens x V``
+    elements; on a tensor-parallel shard, targets in the shard's own rows."""
+    targets = head.targets if shard is None else shard.local_targets(head.targets)
+    return vocab_blocked_grads(head, needs, targets, lse, token_grad, chunk_tokens * head.weight.shape[0],
+                               plain_row_kernels(head.backend)[1])
+
+
 # --------------------------------------------------------------------------- LPO
 def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=None,
                           advantages=None, *, bias=None, temperature=1.0, old_logp=None,
                           group_size=None, cu_seqlens=None, group_stats=None, mode="fast",
                           chunk_tokens=None, return_logp=False, return_entropy=False,
-                          backend="auto", grad_weight_fp32=True, validate=None, softcap=None,
+                          backend="auto", grad_weight_fp32="auto", validate=None, softcap=None,
                           logit_scale=1.0, token_grad_weights=None, tp_group=None,
                           vocab_start=None, **lpo_options):
     """LPO loss from hidden states and the LM head, without materialising the logits.
@@ -471,7 +348,9 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
         mode: 'fast' (whole-group chunks, 6NHV) or 'low_memory' (two passes, 8NHV).
         chunk_tokens: tokens per chunk (fast: a target, rounded to whole groups, default
             8192; low_memory: default 1024).
-        grad_weight_fp32: accumulate grad-weight in fp32 (default) or in weight's dtype.
+        grad_weight_fp32: fast mode's grad-weight sum over chunks: "auto" (default: the
+            weight's dtype for <= 2 chunks, else fp32), True (fp32) or False (the weight's
+            dtype). No effect in low_memory (one rounding per grad-weight row).
         tp_group, vocab_start: vocabulary-parallel head: ``weight``/``bias`` are this rank's
             slice of the vocabulary (see ``lpo_kernels/tensor_parallel.py``).
 
@@ -498,6 +377,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     chunk_tokens = _check_chunk_tokens(chunk_tokens, mode)
+    grad_weight_fp32 = check_grad_weight_fp32(grad_weight_fp32)
     options = LPOOptions(**lpo_options)
     if options.reduction == "none":
         raise ValueError("reduction='none' is not supported by the fused loss head (its "
@@ -528,18 +408,18 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
     flat_entropy = None if entropy is None else entropy.view(-1)
 
     with torch.no_grad():
-        grads = _Grads(head, *needs, grad_weight_fp32=grad_weight_fp32)
         want_grad = any(needs)
         if mode == "fast":
             plan = _group_chunks(batch, head.token_shape, chunk_tokens, hidden.device)
+            grads = Grads(head, *needs, grad_weight_fp32=weight_accumulates_fp32(grad_weight_fp32, len(plan)))
             # Group ids of the chunk sub-batches: the real ids with group_stats (they must
             # match the other calls' records), else dense slots (also when ids are None).
             slots = batch.group_ids if group_stats is not None else reference.group_slots(
                 batch.group_ids, batch.group_size, batch.n_seqs, hidden.device)
             chunk_options = dataclasses.replace(options, reduction="sum")
-            buffer = _new_buffer(head, max((c.n_tokens for c in plan), default=1))
+            buffer = new_buffer(head, max((c.n_tokens for c in plan), default=1))
             for chunk in plan:
-                logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
+                logits = chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
                 targets = head.targets[chunk.tokens]
                 lse, lp, ent = row_stats(logits, targets, head.inv_temperature, return_entropy)
                 flat_logp[chunk.tokens] = lp.to(logp.dtype)
@@ -553,37 +433,32 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                         token_grad = token_grad * chunk_result.grad_scale
                     if flat_weights is not None:
                         token_grad = token_grad * flat_weights[chunk.tokens]
-                    _logits_grad(grad_inplace, logits, head, targets, lse, token_grad)
+                    logits_grad(grad_inplace, logits, head, targets, lse, token_grad)
                     grads.add_chunk(logits, head, chunk.tokens, token_grad)
             result = step(batch, options)
         else:  # low_memory
             plan = _token_chunks(head.hidden.shape[0], chunk_tokens)
-            buffer = _new_buffer(head, min(chunk_tokens, head.hidden.shape[0]))
+            buffer = new_buffer(head, min(chunk_tokens, head.hidden.shape[0]))
             lse_all = torch.empty(head.hidden.shape[0], dtype=head.logp_dtype, device=hidden.device)
             for chunk in plan:
-                logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
+                logits = chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
                 lse, lp, ent = row_stats(logits, head.targets[chunk.tokens], head.inv_temperature,
                                          return_entropy)
                 lse_all[chunk.tokens], flat_logp[chunk.tokens] = lse, lp
                 if flat_entropy is not None:
                     flat_entropy[chunk.tokens] = ent
+            buffer = logits = None  # freed: pass 2 has its own tile (vocab_blocks.py)
             result = step(batch, options)
-            if want_grad:
-                token_grad = result.token_grad.reshape(-1)
-                if flat_weights is not None:
-                    token_grad = token_grad * flat_weights
-                for chunk in plan:
-                    logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
-                    _logits_grad(grad_inplace, logits, head, head.targets[chunk.tokens],
-                                 lse_all[chunk.tokens], token_grad[chunk.tokens])
-                    grads.add_chunk(logits, head, chunk.tokens, token_grad[chunk.tokens])
+            token_grad = result.token_grad.reshape(-1)
+            if flat_weights is not None:
+                token_grad = token_grad * flat_weights
+            grads = _vocab_blocked_grads(head, needs, shard, lse_all, token_grad, chunk_tokens)
         if mode == "fast" and options.reduction == "mean":
             scale = 1.0 / result.stats.n_groups.clamp(min=1).to(result.loss.dtype)
         elif mode == "low_memory" and result.grad_scale is not None:
             scale = result.grad_scale.to(result.loss.dtype)  # the backend's deferred factor
         else:
             scale = torch.ones((), dtype=result.loss.dtype, device=hidden.device)
-        del buffer
     hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
     loss = _attach(result.loss, scale, grads, hidden, weight, bias)
     if return_logp or return_entropy:
@@ -598,7 +473,7 @@ class FusedLinearLPOLoss(torch.nn.Module):
     options), tensors at call time."""
 
     def __init__(self, *, mode="fast", chunk_tokens=None, temperature=1.0, group_size=None,
-                 backend="auto", grad_weight_fp32=True, validate=None, softcap=None, logit_scale=1.0,
+                 backend="auto", grad_weight_fp32="auto", validate=None, softcap=None, logit_scale=1.0,
                  tp_group=None, vocab_start=None, **lpo_options):
         super().__init__()
         if mode not in MODES:
@@ -631,25 +506,25 @@ class FusedLinearLPOLoss(torch.nn.Module):
 # --------------------------------------------------------------------------- log-probs
 class _FusedLinearLogprobs(torch.autograd.Function):
     """Per-token log-probs (+ entropy, not differentiated) in chunks; backward recomputes
-    each chunk's logits (no N x V saved)."""
+    the logits by vocabulary blocks (``vocab_blocks.py``; no N x V saved)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, head: _Head, chunk_tokens: int, return_entropy: bool,
-                grad_weight_fp32: bool, shard=None):
+    def forward(ctx, hidden, weight, bias, head: Head, chunk_tokens: int, return_entropy: bool,
+                shard=None):
         row_stats, _ = tensor_parallel.row_kernels(head.backend, shard)
         n = head.hidden.shape[0]
         logp = torch.empty(n, dtype=head.logp_dtype, device=hidden.device)
         lse_all = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if return_entropy else None
-        buffer = _new_buffer(head, min(chunk_tokens, n))
+        buffer = new_buffer(head, min(chunk_tokens, n))
         for chunk in _token_chunks(n, chunk_tokens):
-            logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
+            logits = chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
             lse, lp, ent = row_stats(logits, head.targets[chunk.tokens], head.inv_temperature,
                                      return_entropy)
             lse_all[chunk.tokens], logp[chunk.tokens] = lse, lp
             if return_entropy:
                 entropy[chunk.tokens] = ent
-        ctx.head, ctx.chunk_tokens, ctx.grad_weight_fp32 = head, chunk_tokens, grad_weight_fp32
+        ctx.head, ctx.chunk_tokens = head, chunk_tokens
         ctx.shard = shard
         ctx.save_for_backward(lse_all)
         logp = logp.view(head.token_shape)
@@ -663,38 +538,30 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, *unused):
         with torch.no_grad():  # out= GEMMs; create_graph=True is first-order only
             grads = _FusedLinearLogprobs._grads(ctx, grad_logp)
-        return (*first_order_only("fused_linear_logprobs", *grads), None, None, None, None, None)
+        return (*first_order_only("fused_linear_logprobs", *grads), None, None, None, None)
 
     @staticmethod
     def _grads(ctx, grad_logp):
         (lse_all,) = ctx.saved_tensors
         head = ctx.head
-        _, grad_inplace = tensor_parallel.row_kernels(head.backend, ctx.shard)
-        needs = ctx.needs_input_grad[:3]
-        grads = _Grads(head, needs[0], needs[1], needs[2], ctx.grad_weight_fp32)
-        grad_flat = grad_logp.reshape(-1)
-        n = head.hidden.shape[0]
-        buffer = _new_buffer(head, min(ctx.chunk_tokens, n))
-        for chunk in _token_chunks(n, ctx.chunk_tokens):
-            logits = _chunk_logits(buffer, head, chunk.tokens, chunk.n_tokens)
-            _logits_grad(grad_inplace, logits, head, head.targets[chunk.tokens], lse_all[chunk.tokens],
-                         grad_flat[chunk.tokens])
-            grads.add_chunk(logits, head, chunk.tokens, grad_flat[chunk.tokens])
-        w_dtype = head.weight.dtype
-        return (None if grads.hidden is None else grads.hidden.view(*head.token_shape, grads.hidden.shape[-1]),
-                None if grads.weight is None else grads.weight.to(w_dtype),
-                None if grads.bias is None else grads.bias.to(w_dtype))
+        grads = _vocab_blocked_grads(head, ctx.needs_input_grad[:3], ctx.shard, lse_all,
+                                     grad_logp.reshape(-1).to(head.logp_dtype), ctx.chunk_tokens)
+        hidden = grads.hidden
+        if hidden is not None:
+            hidden = hidden.to(head.hidden.dtype).view(*head.token_shape, hidden.shape[-1])
+        return hidden, grads.weight, grads.bias
 
 
 def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=1.0,
                           return_entropy=False, chunk_tokens=None, backend="auto",
-                          grad_weight_fp32=True, softcap=None, logit_scale=1.0, tp_group=None,
+                          grad_weight_fp32="auto", softcap=None, logit_scale=1.0, tp_group=None,
                           vocab_start=None, mask=None):
     """``log_softmax((h W^T + b)/T)[target]`` per token without full logits.
 
     ``hidden`` ``[..., H]``, ``target_ids`` ``[...]``; returns logp ``[...]`` (fp32; fp64
     for fp64 inputs), differentiable w.r.t. hidden/weight/bias (backward recomputes the
-    logits chunk by chunk), and with ``return_entropy`` also the tempered entropy
+    logits by vocabulary blocks of ``chunk_tokens x V`` elements, ``vocab_blocks.py``: each
+    grad-weight row rounded once, so ``grad_weight_fp32`` has no effect), and with ``return_entropy`` also the tempered entropy
     (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient.
     ``softcap``/``logit_scale``: as :func:`fused_linear_lpo_loss`.
     ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``).
@@ -702,6 +569,7 @@ def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=
     computed (``lpo_kernels/padding_free.py``); logp/entropy are 0 elsewhere, and so is the
     gradient there."""
     check_tensor("hidden", hidden, floating=True, dim=(2, 3))  # [N, H] or [B, T, H]
+    check_grad_weight_fp32(grad_weight_fp32)
     if mask is not None and not padding_free.eligible(hidden, mask, exact=(target_ids,)):
         raise ValueError("mask must be a [B, T] tensor on hidden's device with [B, T, H] hidden "
                          "and [B, T] target_ids")
@@ -720,8 +588,7 @@ def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "low_memory")
     shard = tensor_parallel.vocab_shard(tp_group, head.weight, vocab_start)  # None: one process
     hidden = tensor_parallel.copy_to_vocab_parallel(hidden, shard)  # all-reduce in backward
-    return _FusedLinearLogprobs.apply(hidden, weight, bias, head, chunk_tokens, return_entropy,
-                                      grad_weight_fp32, shard)
+    return _FusedLinearLogprobs.apply(hidden, weight, bias, head, chunk_tokens, return_entropy, shard)
 
 
 @torch.no_grad()

@@ -546,7 +546,7 @@ def test_item17_torch_entropy_is_renormalised():
 
 
 def test_item17_cpu_grad_weight_accumulates_chunks_in_fp32():
-    from lpo_kernels.fused_linear import _Grads, _Head
+    from lpo_kernels.head_chunk import Grads as _Grads, Head as _Head
 
     g = torch.Generator().manual_seed(17)
     n_chunks, rows, H, V = 16, 8, 32, 40

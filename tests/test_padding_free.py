@@ -216,13 +216,13 @@ def test_fast_chunks_hold_whole_groups_of_the_compacted_layout(monkeypatch):
     per_group = c["mask"].sum(1).view(-1, G).sum(1).tolist()
     sizes = []
     from lpo_kernels import fused_linear
-    original = fused_linear._chunk_logits
+    original = fused_linear.chunk_logits
 
     def chunk_logits(buffer, head, rows, n):
         sizes.append(n)
         return original(buffer, head, rows, n)
 
-    monkeypatch.setattr(fused_linear, "_chunk_logits", chunk_logits)
+    monkeypatch.setattr(fused_linear, "chunk_logits", chunk_logits)
     _lpo(c, _leaves(c), mode="fast", chunk_tokens=30)
     assert len(sizes) > 1
     group = 0

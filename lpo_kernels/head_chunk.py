@@ -1,0 +1,179 @@
+"""One chunk of the fused loss head: the logits GEMM into a reused buffer, the in-place
+logits-gradient, and the gradient GEMMs. The heads (``fused_linear.py``,
+``fused_grpo.py``) and the vocabulary-blocked gradient pass (``vocab_blocks.py``) are
+built from these; none of them ever holds a ``[tokens x vocab]`` tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .logit_transform import softcap_grad_inplace, softcap_inplace
+
+VOCAB_SLICE = 8192  # rows of grad-weight summed per GEMM when accumulating in fp32
+# fp16 logits overflow above 65504: an fp16 chunk buffer holds logits * 2^-8 (applied in
+# the GEMM's fp32 epilogue; a power of two, so only values in fp16's subnormal range, |z|
+# < 0.016, lose bits, < 1e-5 absolute) and the row kernels read it back with 2^8 / T.
+_FP16_LOGIT_STORAGE_SCALE = 2.0 ** -8
+# grad_weight_fp32="auto": a whole-group chunk plan with at most this many chunks adds its
+# chunks' grad-weight in the weight's dtype (one rounding per added chunk); more chunks
+# use the fp32 accumulator. Measured (benchmarks/grad_weight_rounding.py, bf16): error vs
+# fp64 over plain PyTorch's single-GEMM error 1.00x at 1 chunk, <= 1.12x at 2 chunks,
+# up to 1.32x at 4 and 1.65x at 8 (flat logits, std 1; less with sharper logits).
+AUTO_WEIGHT_DTYPE_MAX_CHUNKS = 2
+
+
+class Head(NamedTuple):
+    """Checked loss-head tensors, flattened to token rows."""
+
+    hidden: Tensor       # [N, H]
+    weight: Tensor       # [V, H]
+    bias: Tensor | None  # [V]
+    targets: Tensor      # [N] int64
+    token_shape: tuple   # [B, T] or [N]
+    inv_temperature: float
+    backend: str
+    logp_dtype: torch.dtype
+    softcap: float | None = None  # logits f(u) = softcap*tanh(logit_scale*u/softcap) / T
+    logit_scale: float = 1.0      # (without a cap, folded into inv_temperature)
+
+
+
+def check_grad_weight_fp32(value):
+    """``grad_weight_fp32``: True, False or "auto"."""
+    if value is True or value is False or (isinstance(value, str) and value == "auto"):
+        return value
+    raise ValueError(f"grad_weight_fp32 must be True, False or 'auto', got {value!r}")
+
+
+def weight_accumulates_fp32(grad_weight_fp32, n_chunks: int) -> bool:
+    """Whether a one-pass head that adds the grad-weight of ``n_chunks`` chunks keeps an
+    fp32 V x H accumulator: "auto" does above ``AUTO_WEIGHT_DTYPE_MAX_CHUNKS`` chunks."""
+    if grad_weight_fp32 == "auto":
+        return n_chunks > AUTO_WEIGHT_DTYPE_MAX_CHUNKS
+    return bool(grad_weight_fp32)
+
+
+# --------------------------------------------------------------------------- one chunk
+class Grads:
+    """Gradient buffers of the head, allocated only for tensors that need them."""
+
+    def __init__(self, head: Head, hidden_req: bool, weight_req: bool, bias_req: bool,
+                 grad_weight_fp32: bool):
+        w = head.weight
+        self.hidden = torch.empty_like(head.hidden) if hidden_req else None
+        acc = torch.float32 if grad_weight_fp32 and w.dtype != torch.float64 else w.dtype
+        self.weight = torch.zeros(w.shape, dtype=acc, device=w.device) if weight_req else None
+        self.bias = (torch.zeros(w.shape[0], dtype=acc, device=w.device)
+                     if bias_req and head.bias is not None else None)
+
+    def add_chunk(self, grad_logits: Tensor, head: Head, rows, row_grad: Tensor | None = None) -> None:
+        """grad_logits [n, V] (overwritten logits) -> grad-hidden rows, += grad-weight/bias.
+
+        ``row_grad`` [n]: the chunk's d loss / d logp. Rows where it is 0 (padding, masked
+        or clipped tokens) contribute exactly nothing: the row kernels write zeros there
+        and their hidden states are zeroed for the grad-weight GEMM, so a NaN hidden
+        state at a padding token cannot reach grad-weight through 0 * NaN."""
+        h = head.hidden[rows]
+        if self.weight is not None and row_grad is not None:
+            h = torch.where((row_grad != 0)[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+        # d/du = s * d/d(stored) for logits stored times s (fp16: 2^-8, exact), applied in
+        # the GEMMs' fp32 epilogues (alpha)
+        s = logit_storage_scale(head.hidden.dtype, head.softcap)
+        zero = torch.zeros((), dtype=grad_logits.dtype, device=grad_logits.device)
+        if self.hidden is not None:
+            if isinstance(rows, slice) and s == 1.0:
+                torch.mm(grad_logits, head.weight, out=self.hidden[rows])
+            elif isinstance(rows, slice):
+                torch.addmm(zero, grad_logits, head.weight, beta=0.0, alpha=s, out=self.hidden[rows])
+            else:
+                self.hidden.index_copy_(0, rows, torch.addmm(zero, grad_logits, head.weight, beta=0.0, alpha=s))
+        if self.weight is not None:
+            if self.weight.dtype == grad_logits.dtype:
+                self.weight.addmm_(grad_logits.t(), h, alpha=s)
+            elif gemm_accumulates_fp32(grad_logits.device, grad_logits.dtype):
+                # one cuBLAS GEMM with bf16/fp16 operands and an fp32 C: no temporary
+                torch.addmm(self.weight, grad_logits.t(), h, out_dtype=self.weight.dtype, alpha=s,
+                            out=self.weight)
+            else:  # fp32 accumulator, low-precision GEMM: slice the vocabulary so the
+                # temporary is VOCAB_SLICE x H, not V x H. On the CPU the operands are
+                # upcast so each chunk's product is summed in fp32, not rounded first.
+                upcast = grad_logits.device.type == "cpu"
+                h_acc = h.to(self.weight.dtype) if upcast else h
+                for v0 in range(0, self.weight.shape[0], VOCAB_SLICE):
+                    v1 = min(v0 + VOCAB_SLICE, self.weight.shape[0])
+                    g = grad_logits[:, v0:v1].t()
+                    if upcast:
+                        self.weight[v0:v1].addmm_(g.to(self.weight.dtype), h_acc, alpha=s)
+                    else:
+                        self.weight[v0:v1].add_(torch.addmm(zero, g, h_acc, beta=0.0, alpha=s))
+        if self.bias is not None:
+            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype), alpha=s)
+
+
+def gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(fp32, half, half, out_dtype=fp32, out=fp32)`` works here
+    (CUDA, recent torch). Probed once per (device type, dtype) on a tiny problem."""
+    return device.type == "cuda" and _probe_fp32_accumulating_gemm(device, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        a = torch.randn(16, 8, device=device).to(dtype)
+        b = torch.randn(8, 32, device=device).to(dtype)
+        acc = torch.ones(16, 32, device=device)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return bool(torch.allclose(acc, 1.0 + a.float() @ b.float(), rtol=1e-2, atol=1e-2))
+    except (RuntimeError, TypeError):
+        return False
+
+
+def chunk_logits(buffer: Tensor, head: Head, rows, n: int) -> Tensor:
+    """One GEMM into the reused buffer: logits = h W^T (+ b) for the chunk's rows, then
+    soft-capped in place when the head has a cap (``logit_transform.py``); fp16 logits
+    are stored times ``logit_storage_scale`` (``head.inv_temperature`` undoes it)."""
+    logits = buffer[:n]
+    h = head.hidden[rows]
+    scale = logit_storage_scale(head.hidden.dtype, head.softcap)
+    if scale != 1.0:
+        bias = head.bias if head.bias is not None else torch.zeros((), dtype=h.dtype, device=h.device)
+        torch.addmm(bias, h, head.weight.t(), beta=scale if head.bias is not None else 0.0,
+                    alpha=scale, out=logits)
+    elif head.bias is None:
+        torch.mm(h, head.weight.t(), out=logits)
+    else:
+        torch.addmm(head.bias, h, head.weight.t(), out=logits)
+    if head.softcap is not None:
+        softcap_inplace(logits, head.softcap, head.logit_scale)
+    return logits
+
+
+def logit_storage_scale(dtype: torch.dtype, softcap: float | None) -> float:
+    """What ``chunk_logits`` multiplies the logits by in the buffer: 2^-8 for fp16 without
+    a soft-cap (a cap bounds what it stores, and saturates to +-cap on a GEMM output of
+    +-inf: finite either way), else 1. ``head.inv_temperature`` maps stored values to z
+    (so it holds 2^8 / T then): the row kernels see true z, and the logits-gradient they
+    write is d/d(stored) = 2^8 d/du, which ``Grads.add_chunk`` scales back."""
+    return _FP16_LOGIT_STORAGE_SCALE if dtype == torch.float16 and softcap is None else 1.0
+
+
+def logits_grad(grad_inplace, logits: Tensor, head: Head, targets, lse, grad_logp) -> None:
+    """Overwrite a chunk's (transformed) logits with d loss / d (h W^T + b): the row
+    kernel's softmax gradient, chained through the soft-cap when there is one."""
+    if head.softcap is None:
+        grad_inplace(logits, targets, lse, grad_logp, head.inv_temperature)
+    else:
+        softcap_grad_inplace(grad_inplace, logits, targets, lse, grad_logp, head.inv_temperature,
+                             head.softcap, head.logit_scale)
+
+
+def new_buffer(head: Head, rows: int) -> Tensor:
+    return torch.empty(max(rows, 1), head.weight.shape[0], dtype=head.hidden.dtype,
+                       device=head.hidden.device)
+
+

@@ -1,0 +1,265 @@
+"""The two-pass head's gradient pass by vocabulary blocks (``lpo_kernels/vocab_blocks.py``)
+and the grad-weight accumulation defaults (issue 14, item 3).
+
+- ``vocab_blocked_grads`` equals autograd through the dense fp64 log-softmax in every
+  block layout: one block, many blocks, blocks x token pieces; with bias, temperature,
+  soft-cap, fp16 storage scale, out-of-vocabulary targets and NaN hidden states at tokens
+  without gradient.
+- bf16: grad-weight rounded once (error vs fp64 no worse than plain PyTorch's single
+  GEMM); ``grad_weight_fp32`` cannot change low_memory's result.
+- Memory (CPU profiler): low_memory and ``fast`` with "auto" at <= 2 chunks allocate no
+  fp32 V x H accumulator; the peak stays near grads + tile + the fp32 grad-hidden.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lpo_kernels import fused_linear, head_chunk, reference, vocab_blocks
+from lpo_kernels.fused_linear import fused_linear_logprobs, fused_linear_lpo_loss
+from lpo_kernels.fused_grpo import fused_linear_grpo_loss
+from lpo_kernels.ops.loss_head import logits_grad_inplace_torch
+
+from .test_fused_linear import fused_loss, make_head_case, naive_loss
+from .utils import assert_close
+
+
+# --------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("n,vocab,tile", [(100, 1000, 100_000), (100, 151_936, 1024 * 151_936),
+                                          (16_384, 151_936, 1024 * 151_936), (10**6, 151_936, 1024 * 151_936),
+                                          (1, 5, 5), (0, 7, 70)])
+def test_block_sizes_fit_the_tile(n, vocab, tile):
+    rows, piece = vocab_blocks.block_sizes(n, vocab, tile)
+    assert 1 <= rows <= vocab and 1 <= piece <= max(n, 1)
+    assert rows * piece <= max(tile, vocab_blocks.MIN_BLOCK_ROWS)
+    if rows < vocab:
+        assert rows % 128 == 0 and rows >= vocab_blocks.MIN_BLOCK_ROWS
+    if piece < n:  # tokens split only when a block would be narrower than the minimum
+        assert rows == vocab_blocks.MIN_BLOCK_ROWS
+    if n <= tile // vocab:
+        assert (rows, piece) == (vocab, max(n, 1))  # the whole problem in one tile
+    if (n, vocab) == (16_384, 151_936):
+        assert piece == n and rows == 9472  # 17 blocks, every token in each GEMM
+
+
+def _dense_truth(h, w, b, targets, token_grad, inv_t, softcap=None, logit_scale=1.0):
+    """fp64 autograd through the dense logits: grads of sum(token_grad * logp)."""
+    h, w = h.double().detach().requires_grad_(), w.double().detach().requires_grad_()
+    b = None if b is None else b.double().detach().requires_grad_()
+    u = h @ w.t() + (0 if b is None else b)
+    z = (softcap * torch.tanh(logit_scale * u / softcap) if softcap else logit_scale * u) * inv_t
+    logz = torch.log_softmax(z, -1)
+    valid = (targets >= 0) & (targets < w.shape[0])
+    logp = torch.where(valid, logz.gather(1, targets.clamp(0, w.shape[0] - 1)[:, None])[:, 0], 0.0)
+    (logp * token_grad.double()).sum().backward()
+    return torch.logsumexp(z, -1).detach(), (h.grad, w.grad, None if b is None else b.grad)
+
+
+LAYOUTS = {  # (tile elements, MIN_BLOCK_ROWS): what the pass does with N = 60, V = 90
+    "one_tile": (60 * 90, 8),
+    "blocks": (60 * 20, 8),          # 20 rows a block, every token in each GEMM
+    "blocks_x_pieces": (40, 8),      # 8-row blocks, 5-token pieces: fp32 block accumulator
+    "one_block_pieces": (90 * 7, 128),  # V < min rows: whole vocabulary, 7-token pieces
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("variant", ["plain", "bias_temperature", "softcap", "fp32"])
+def test_vocab_blocked_grads_match_dense_autograd(monkeypatch, layout, variant):
+    tile, min_rows = LAYOUTS[layout]
+    monkeypatch.setattr(vocab_blocks, "MIN_BLOCK_ROWS", min_rows)
+    monkeypatch.setattr(vocab_blocks, "_ROW_ALIGN", 4)
+    g = torch.Generator().manual_seed(hash(layout + variant) % 1000)
+    n, hidden_size, vocab = 60, 12, 90
+    dtype = torch.float32 if variant == "fp32" else torch.float64
+    h = torch.randn(n, hidden_size, generator=g, dtype=torch.float64)
+    w = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(vocab, generator=g, dtype=torch.float64) if variant == "bias_temperature" else None
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[::9] = -100  # out of the vocabulary: no one-hot, no gradient
+    token_grad = torch.randn(n, generator=g, dtype=torch.float64)
+    token_grad[targets < 0] = 0.0
+    token_grad[5] = 0.0
+    h_in = h.clone()
+    h_in[5] = float("nan")  # a token without gradient may hold anything
+    temperature = 0.7 if variant == "bias_temperature" else 1.0
+    softcap = 3.0 if variant == "softcap" else None
+    head = fused_linear._check_head(h_in.to(dtype), w.to(dtype), targets, None if b is None else b.to(dtype),
+                                    temperature, True, "torch", softcap, 1.3 if softcap else 1.0)
+    lse, want = _dense_truth(torch.where(token_grad[:, None] != 0, h, 0.0), w, b, targets, token_grad,
+                             1.0 / temperature, softcap, 1.3 if softcap else 1.0)
+    got = vocab_blocks.vocab_blocked_grads(head, (True, True, b is not None), targets, lse.to(head.logp_dtype),
+                                           token_grad.to(head.logp_dtype), tile, logits_grad_inplace_torch)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name, x, y in zip(("hidden", "weight", "bias"), got, want):
+        if y is None:
+            assert x is None
+            continue
+        assert bool(torch.isfinite(x).all()), name
+        assert_close(x.double(), y, atol=tol, rtol=tol, name=name)
+    assert got.hidden.dtype == dtype and got.weight.dtype == dtype
+
+
+def test_fp16_storage_scale_and_partial_needs(monkeypatch):
+    """fp16 logits are stored x 2^-8 in the tile; the grads undo it. Only the weight asked."""
+    monkeypatch.setattr(vocab_blocks, "MIN_BLOCK_ROWS", 8)
+    monkeypatch.setattr(vocab_blocks, "_ROW_ALIGN", 4)
+    g = torch.Generator().manual_seed(3)
+    n, hidden_size, vocab = 40, 16, 64
+    h = torch.randn(n, hidden_size, generator=g).half()
+    w = (torch.randn(vocab, hidden_size, generator=g) * 0.5).half()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    token_grad = torch.randn(n, generator=g)
+    head = fused_linear._check_head(h, w, targets, None, 1.0, True, "torch")
+    assert head.inv_temperature == 256.0  # the stored logits are z * 2^-8
+    lse, (_, want_w, _) = _dense_truth(h, w, None, targets, token_grad, 1.0)
+    got = vocab_blocks.vocab_blocked_grads(head, (False, True, False), targets, lse.float(), token_grad, 40,
+                                           logits_grad_inplace_torch)
+    assert got.hidden is None and got.bias is None and got.weight.dtype == torch.float16
+    err = (got.weight.double() - want_w).norm() / want_w.norm()
+    assert err < 3e-3, err
+
+
+# --------------------------------------------------------------------------- bf16 numerics
+def test_low_memory_grad_weight_rounded_once_bf16(monkeypatch):
+    """CCE's criterion, tight: low_memory's bf16 grad-weight (16 token pieces summed in the
+    fp32 block accumulator) is no worse against fp64 than plain PyTorch's single GEMM, and
+    ``grad_weight_fp32`` changes nothing (no V x H accumulator is left to choose)."""
+    monkeypatch.setattr(vocab_blocks, "MIN_BLOCK_ROWS", 128)
+    case = make_head_case(n_groups=8, group_size=4, seq_len=32, hidden_size=64, vocab=256, seed=5,
+                          packed=True)
+    truth = naive_loss(case)
+    low = {**case, "hidden": case["hidden"].bfloat16(), "weight": case["weight"].bfloat16()}
+    naive_bf16 = naive_loss(low)
+    n = case["hidden"].shape[0]
+    chunk = 8  # tile 8 x 256: 128-row blocks, 16-token pieces -> n / 16 pieces
+    assert n // 16 >= 16
+    runs = {flag: fused_loss(low, mode="low_memory", chunk_tokens=chunk, backend="torch",
+                             grad_weight_fp32=flag)
+            for flag in ("auto", True, False)}
+    for flag in (True, False):
+        for name in ("hidden", "weight"):
+            assert torch.equal(runs[flag][2][name].grad, runs["auto"][2][name].grad), (flag, name)
+    for name in ("hidden", "weight"):
+        want = truth[2][name].grad
+        err = (runs["auto"][2][name].grad.double() - want).norm() / want.norm()
+        err_naive = (naive_bf16[2][name].grad.double() - want).norm() / want.norm()
+        assert err <= 1.1 * err_naive, (name, err, err_naive)
+
+
+def _fast_bf16(case, flag, chunk_tokens):
+    return fused_loss(case, mode="fast", chunk_tokens=chunk_tokens, backend="torch", grad_weight_fp32=flag)
+
+
+@pytest.mark.parametrize("head", ["lpo", "grpo"])
+def test_auto_adds_chunks_in_the_weight_dtype_up_to_two_chunks(head):
+    """"auto" = False (the weight's dtype) at <= 2 chunks and = True (fp32) above, bitwise."""
+    case = make_head_case(n_groups=4, group_size=2, seq_len=8, hidden_size=32, vocab=200, seed=9)
+    low = {**case, "hidden": case["hidden"].bfloat16(), "weight": case["weight"].bfloat16()}
+    per_group = 2 * 8
+
+    def run(flag, chunk):
+        if head == "lpo":
+            return _fast_bf16(low, flag, chunk)[2]["weight"].grad
+        w = low["weight"].clone().requires_grad_()
+        adv = torch.randn(8, generator=torch.Generator().manual_seed(1))
+        loss, _ = fused_linear_grpo_loss(low["hidden"], w, low["target_ids"].clamp(min=0), low["mask"], adv,
+                                         chunk_tokens=chunk, backend="torch", grad_weight_fp32=flag)
+        loss.backward()
+        return w.grad
+
+    # 2 chunks of 2 groups (rows of the GRPO head); 4 chunks of one group each
+    two, four = 2 * per_group, per_group
+    assert torch.equal(run("auto", two), run(False, two))
+    assert torch.equal(run("auto", four), run(True, four))
+    assert not torch.equal(run(True, four), run(False, four))  # the choice is visible here
+
+
+@pytest.mark.parametrize("bad", ["fp32", 1, None, 0.0])
+def test_grad_weight_fp32_bad_values_name_the_argument(bad):
+    case = make_head_case(seed=2)
+    with pytest.raises(ValueError, match="grad_weight_fp32"):
+        fused_loss(case, grad_weight_fp32=bad, backend="torch")
+    with pytest.raises(ValueError, match="grad_weight_fp32"):
+        fused_linear_logprobs(case["hidden"], case["weight"], case["target_ids"].clamp(min=0),
+                              grad_weight_fp32=bad)
+    with pytest.raises(ValueError, match="grad_weight_fp32"):
+        fused_linear_grpo_loss(case["hidden"], case["weight"], case["target_ids"].clamp(min=0), case["mask"],
+                               torch.zeros(case["hidden"].shape[0]), grad_weight_fp32=bad)
+
+
+# --------------------------------------------------------------------------- memory (CPU)
+def _allocations(run):
+    """(peak bytes live above the start, largest single allocation) of ``run`` on the
+    CPU, from the profiler's allocation events in time order."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0),
+                    key=lambda e: e.time_range.start)
+    live = peak = largest = 0
+    for e in events:
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+        largest = max(largest, e.self_cpu_memory_usage)
+    return peak, largest
+
+
+def _memory_case(n=256, hidden_size=512, vocab=4096):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, hidden_size, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden_size, generator=g) * 0.05).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    cu = torch.arange(0, n + 1, 32)
+    rewards = torch.randn(cu.numel() - 1, generator=g)
+    group_ids = torch.arange(cu.numel() - 1) // 2  # 4 groups of 64 tokens
+    return h, w, targets, cu, rewards, group_ids
+
+
+@pytest.mark.parametrize("mode,flag,chunk_tokens,fp32_accumulator", [
+    ("low_memory", "auto", 16, False), ("low_memory", True, 16, False),
+    ("fast", "auto", 128, False),       # 2 chunks of 2 groups: the weight's dtype
+    ("fast", "auto", 64, True),         # 4 chunks of one group: fp32
+    ("fast", False, 64, False)])
+def test_memory_no_fp32_vocab_accumulator(mode, flag, chunk_tokens, fp32_accumulator):
+    h, w, targets, cu, rewards, group_ids = _memory_case()
+    n, hidden_size = h.shape
+    vocab = w.shape[0]
+
+    def run():
+        loss, _ = fused_linear_lpo_loss(h, w, targets, None, group_ids, rewards, cu_seqlens=cu, mode=mode,
+                                        chunk_tokens=chunk_tokens, backend="torch", grad_weight_fp32=flag,
+                                        validate=False)
+        loss.backward()
+
+    run()  # warm caches (probes, lru caches) outside the measurement
+    h.grad = w.grad = None
+    peak, largest = _allocations(run)
+    fp32_vh = 4 * vocab * hidden_size
+    assert (largest >= fp32_vh) == fp32_accumulator, (largest, fp32_vh)
+    grads = 2 * vocab * hidden_size + 2 * n * hidden_size
+    if mode == "low_memory":  # + tile (CPU: and its fp32 upcasts) + fp32 grad-hidden + masked h
+        tile = chunk_tokens * vocab
+        bound = grads + 4 * n * hidden_size + 2 * n * hidden_size + 4 * 4 * tile + (1 << 20)
+        assert peak <= bound, (peak, bound)
+        assert peak < grads + fp32_vh  # what the fp32 accumulator alone used to add
+
+
+# --------------------------------------------------------------------------- logprobs, TP shard targets
+def test_logprobs_backward_through_blocks(monkeypatch):
+    monkeypatch.setattr(vocab_blocks, "MIN_BLOCK_ROWS", 16)
+    monkeypatch.setattr(vocab_blocks, "_ROW_ALIGN", 8)
+    case = make_head_case(seq_len=9, vocab=120, bias=True, seed=31)
+    targets = case["target_ids"].clamp(min=0)
+    p = {k: case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+    q = {k: case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+    logp = fused_linear_logprobs(p["hidden"], p["weight"], targets, bias=p["bias"], chunk_tokens=3,
+                                 backend="torch", temperature=1.2)
+    ref = reference.naive_linear_logprobs(q["hidden"], q["weight"], targets, bias=q["bias"], temperature=1.2)
+    upstream = torch.randn(logp.shape, generator=torch.Generator().manual_seed(4), dtype=logp.dtype)
+    (logp * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    for name in ("hidden", "weight", "bias"):
+        assert_close(p[name].grad, q[name].grad, atol=1e-12, rtol=1e-10, name=name)
+    assert head_chunk.AUTO_WEIGHT_DTYPE_MAX_CHUNKS == 2
