@@ -23,7 +23,7 @@ _FP16_LOGIT_STORAGE_SCALE = 2.0 ** -8
 # chunks' grad-weight in the weight's dtype (one rounding per added chunk); more chunks
 # use the fp32 accumulator. Measured (benchmarks/grad_weight_rounding.py, bf16): error vs
 # fp64 over plain PyTorch's single-GEMM error 1.00x at 1 chunk, <= 1.12x at 2 chunks,
-# up to 1.32x at 4 and 1.65x at 8 (flat logits, std 1; less with sharper logits).
+# 1.31x at 4 and 1.65x at 8 (flat logits, std 1; less with sharper logits).
 AUTO_WEIGHT_DTYPE_MAX_CHUNKS = 2
 
 
@@ -40,7 +40,6 @@ class Head(NamedTuple):
     logp_dtype: torch.dtype
     softcap: float | None = None  # logits f(u) = softcap*tanh(logit_scale*u/softcap) / T
     logit_scale: float = 1.0      # (without a cap, folded into inv_temperature)
-
 
 
 def check_grad_weight_fp32(value):
@@ -60,7 +59,8 @@ def weight_accumulates_fp32(grad_weight_fp32, n_chunks: int) -> bool:
 
 # --------------------------------------------------------------------------- one chunk
 class Grads:
-    """Gradient buffers of the head, allocated only for tensors that need them."""
+    """Gradient buffers of a one-pass head (``fast``, the GRPO head), allocated only for
+    tensors that need them; grad-weight is summed over the chunks (``add_chunk``)."""
 
     def __init__(self, head: Head, hidden_req: bool, weight_req: bool, bias_req: bool,
                  grad_weight_fp32: bool):
