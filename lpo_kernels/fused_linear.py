@@ -108,10 +108,10 @@ def _check_head(hidden, weight, target_ids, bias, temperature, packed, backend,
     if not flat.is_contiguous():
         flat = flat.contiguous()
     return Head(flat, weight.contiguous(), None if bias is None else bias.contiguous(),
-                 target_ids.reshape(-1).long(), tuple(hidden.shape[:-1]),
-                 (1.0 if softcap is not None else logit_scale) / float(temperature)
-                 / logit_storage_scale(hidden.dtype, softcap),
-                 backend, reference.compute_dtype(hidden.dtype), softcap, logit_scale)
+                target_ids.reshape(-1).long(), tuple(hidden.shape[:-1]),
+                (1.0 if softcap is not None else logit_scale) / float(temperature)
+                / logit_storage_scale(hidden.dtype, softcap),
+                backend, reference.compute_dtype(hidden.dtype), softcap, logit_scale)
 
 
 def _vocab_shard_checked(head: Head, mask: Tensor | None, validate, tp_group, vocab_start):
@@ -282,7 +282,7 @@ def _scaled_cast(grad: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def _attach(loss, scale, grads: Grads, hidden, weight, bias):
+def _attach(loss, scale, grads, hidden, weight, bias):  # Grads or vocab_blocks.BlockGrads
     if grads.hidden is None and grads.weight is None and grads.bias is None:
         return loss
     return _AttachHeadGrads.apply(loss, scale, grads.hidden, grads.weight, grads.bias,
