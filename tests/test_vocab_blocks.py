@@ -263,3 +263,47 @@ def test_logprobs_backward_through_blocks(monkeypatch):
     for name in ("hidden", "weight", "bias"):
         assert_close(p[name].grad, q[name].grad, atol=1e-12, rtol=1e-10, name=name)
     assert head_chunk.AUTO_WEIGHT_DTYPE_MAX_CHUNKS == 2
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["blocks", "blocks_x_pieces"])
+def test_gpu_vocab_blocked_grads(monkeypatch, backend, dtype, layout):
+    """The device paths the CPU cannot run: fp32-output cuBLAS GEMMs into a row slice of
+    the grad-hidden accumulator and into the block accumulator (transposed operand), the
+    row kernels on a contiguous [n, Vb] tile, fp16's storage scale; against fp64 truth, no
+    worse than the same product done in one plain-PyTorch GEMM of the same dtype."""
+    from .test_fused_linear import _cuda_extension_available
+
+    if backend == "cuda" and not _cuda_extension_available():
+        pytest.skip("CUDA extension not built")
+    from lpo_kernels.ops.loss_head import row_kernels
+
+    monkeypatch.setattr(vocab_blocks, "MIN_BLOCK_ROWS", 512)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, hidden_size, vocab = 1500, 256, 4099
+    h = torch.randn(n, hidden_size, device="cuda", generator=g, dtype=torch.float64)
+    w = torch.randn(vocab, hidden_size, device="cuda", generator=g, dtype=torch.float64) * 0.15
+    targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    targets[::7] = -100
+    token_grad = torch.randn(n, device="cuda", generator=g, dtype=torch.float64)
+    token_grad[targets < 0] = 0.0
+    hl, wl = h.to(dtype), w.to(dtype)
+    lse, truth = _dense_truth(hl.double(), wl.double(), None, targets, token_grad, 1.0)
+    tile = n * 600 if layout == "blocks" else 512 * 256  # 512-row blocks; all tokens / 256-token pieces
+    head = fused_linear._check_head(hl, wl, targets, None, 1.0, True, backend)
+    got = vocab_blocks.vocab_blocked_grads(head, (True, True, False), targets, lse.float(), token_grad.float(),
+                                           tile, row_kernels(backend)[1])
+    # plain PyTorch in the same dtype: one GEMM for each gradient from the dense d logits
+    z = (hl @ wl.t()).float()
+    dz = -torch.softmax(z, -1) * token_grad.float()[:, None]
+    valid = targets >= 0
+    dz[valid.nonzero()[:, 0], targets[valid]] += token_grad.float()[valid]
+    dz = dz.to(dtype)
+    plain = (dz @ wl, dz.t() @ hl)
+    for name, x, p, t in zip(("hidden", "weight"), got, plain, truth):
+        err = float((x.double() - t).norm() / t.norm())
+        err_plain = float((p.double() - t).norm() / t.norm())
+        assert err <= 1.5 * err_plain + 1e-6, (name, err, err_plain)
