@@ -4,7 +4,7 @@ an fp32 accumulator: the numbers behind ``grad_weight_fp32="auto"``
 
     python -m benchmarks.grad_weight_rounding [--quick] [--out DIR]
 
-Model (CPU, exact emulation of the GPU arithmetic): logits ``h W^T`` rounded once to the
+Model (CPU; the GPU's roundings, not its summation order): logits ``h W^T`` rounded once to the
 half dtype (the chunk buffer), softmax in fp32, ``d loss / d logits`` rounded to the half
 dtype (written over the logits), then grad-weight ``sum_c dz_c^T h_c`` three ways:
 
@@ -19,7 +19,8 @@ dtype (written over the logits), then grad-weight ``sum_c dz_c^T h_c`` three way
 The error is ``||g - g_fp64|| / ||g_fp64||`` against the fp64 gradient of the same
 half-precision inputs. The table reports it relative to ``plain``, over chunk counts and
 logit scales (std of the logits: 1 = flat softmax, the worst case here; LM heads sit
-around 2-4). Deterministic: the same numbers on any machine.
+around 2-4). Deterministic on one machine; another CPU BLAS sums in another order, which can
+move the last digits, not the ratios' story.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def main(argv=None) -> list[dict]:
             writer.writerows(rows)
         (args.out / "grad_weight_rounding.md").write_text(
             "# grad-weight rounding: one GEMM vs chunks added in fp32 vs in the half dtype\n\n"
-            "`python -m benchmarks.grad_weight_rounding` (CPU emulation of the GPU arithmetic; "
+            "`python -m benchmarks.grad_weight_rounding` (a CPU model of the GPU's roundings; "
             "see the module docstring). Relative error against fp64, mean of 2 seeds, "
             f"{rows[0]['tokens']} tokens, H={rows[0]['hidden']}, V={rows[0]['vocab']}.\n\n" + text + "\n")
     return rows

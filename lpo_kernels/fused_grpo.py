@@ -35,7 +35,8 @@ def _logits_grad_with_entropy_inplace(logits: Tensor, targets: Tensor, lse: Tens
                                       inv_temperature: float) -> None:
     """logits <- d(g_lp * logp + g_H * H)/d logits
     = inv_T * (g_lp * onehot - p * (g_lp + g_H * (log p + H))); 0 * log 0 counts as 0.
-    Plain PyTorch (every backend), in row blocks with two fp32 temporaries of a block."""
+    Rows with g_lp = g_H = 0 get exact zeros, even over NaN logits (the row kernels'
+    contract). Plain PyTorch (every backend), in row blocks with two fp32 temporaries."""
     dtype = compute_dtype(logits.dtype)
     vocab = logits.shape[1]
     for r0 in range(0, logits.shape[0], _ENTROPY_GRAD_ROWS):
@@ -49,7 +50,8 @@ def _logits_grad_with_entropy_inplace(logits: Tensor, targets: Tensor, lse: Tens
         in_range = (t >= 0) & (t < vocab)
         safe = torch.where(in_range, t, torch.zeros_like(t)).long()
         grad.scatter_add_(1, safe[:, None], torch.where(in_range[:, None], g_lp, 0.0))
-        logits[rows].copy_(grad.mul_(inv_temperature))
+        quiet = (grad_logp[rows] == 0) & (grad_entropy[rows] == 0)
+        logits[rows].copy_(grad.mul_(inv_temperature).masked_fill_(quiet[:, None], 0.0))
 
 
 def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias=None,
@@ -150,14 +152,23 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                 token_grads = torch.autograd.grad(chunk_loss, leaves, allow_unused=True)
             g_lp, g_h = (torch.zeros_like(lp_leaf) if g is None else g
                          for g in (list(token_grads) + [None])[:2])
-            if entropy_grad:  # same contract as the row kernel's (column slices included)
-                def grad_kernel(work, t, lse_rows, g, inv_t, ent=ent, g_h=g_h.reshape(-1)[local]):
-                    _logits_grad_with_entropy_inplace(work, to_local(t), lse_rows, ent, g, g_h, inv_t)
+            # tokens without a real label or outside the mask: logp and entropy are the
+            # constant 0 there (TRL), so they get no gradient
+            counted = written[tokens]
+            g_lp_chunk = torch.where(counted, g_lp.reshape(-1)[local], 0.0)
+            if entropy_grad:  # the row kernel's contract, blocks of rows and columns included:
+                # the per-row factors travel together as the "grad_logp" argument [n, 3]
+                def grad_kernel(work, t, lse_rows, per_row, inv_t):
+                    _logits_grad_with_entropy_inplace(work, to_local(t), lse_rows, per_row[:, 1], per_row[:, 0],
+                                                      per_row[:, 2], inv_t)
+                row_factors = torch.stack([g_lp_chunk, ent.to(g_lp_chunk.dtype),
+                                           torch.where(counted, g_h.reshape(-1)[local], 0.0)], 1)
             else:
-                grad_kernel = grad_inplace
-            g_lp_chunk = g_lp.reshape(-1)[local]
-            logits_grad(grad_kernel, logits, head, targets, lse, g_lp_chunk)
-            grads.add_chunk(logits, head, tokens, None if entropy_grad else g_lp_chunk)
+                grad_kernel, row_factors = grad_inplace, g_lp_chunk
+            logits_grad(grad_kernel, logits, head, targets, lse, row_factors)
+            # rows outside ``counted`` have a zero logits-gradient: their hidden states are kept
+            # out of grad-weight (a NaN there cannot leak through 0 * NaN)
+            grads.add_chunk(logits, head, tokens, counted.to(g_lp_chunk.dtype) if entropy_grad else g_lp_chunk)
         del buffer
         loss, stats = grpo_forward(logp, old_logp, mask, advantages, ref_logp, opts,
                                    entropy=entropy, sampling_logp=sampling_logp,

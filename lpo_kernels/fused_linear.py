@@ -25,7 +25,8 @@ Modes (both exact; the listwise math is ``functional.listwise_forward_impl`` /
   recomputes the logits by vocabulary blocks and forms the gradients
   (``vocab_blocks.py``: each grad-weight row from one GEMM over every token). 8·N·H·V
   FLOPs. Extra memory: grads + a ``chunk_tokens x V`` tile + an fp32 N x H grad-hidden
-  accumulator, whatever the group length.
+  accumulator + a copy of hidden with its zero-gradient rows zeroed (2·N·H bytes in bf16),
+  whatever the group length.
 
 grad-weight (fast mode, and the GRPO head: one pass, the chunks' parts are added):
 ``grad_weight_fp32="auto"`` (default) adds them in the weight's dtype while the plan has at
@@ -53,9 +54,10 @@ from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 from .functional import first_order_only, listwise_forward_impl, resolve_backend
 from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_with_group_stats,
                           lpo_group_stats)
-from .head_chunk import (Grads, Head, VOCAB_SLICE, check_grad_weight_fp32, chunk_logits,
+from .head_chunk import (Grads, Head, VOCAB_SLICE, check_grad_weight_fp32, chunk_logits, labelled,
                          logit_storage_scale, logits_grad, new_buffer, weight_accumulates_fp32)
 from .ops.loss_head import row_kernels as plain_row_kernels
+from .ops.scale import scale_inplace
 from .vocab_blocks import vocab_blocked_grads
 from .logit_transform import check_logit_transform
 from .inputs import (InputDTypeError, check_finite, check_listwise_inputs, check_same_device,
@@ -270,14 +272,18 @@ class _AttachHeadGrads(torch.autograd.Function):
 
 
 def _scaled_cast(grad: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
-    """grad * s in ``dtype``: in place when the dtypes agree; else by vocabulary slices
-    into a new ``dtype`` tensor, so an fp32 grad-weight never needs a second fp32 V x H
-    temporary."""
-    if grad.dtype == dtype:
-        return grad.mul_(s.to(dtype))
+    """grad * s in ``dtype``, the product formed in fp32 (fp64 for fp64) and rounded once:
+    s rounded to bf16 first would bias every element alike (1/3 -> 0.33398, +0.2%). In place
+    when the dtypes agree (half precision: ``ops/scale.py``); else (an fp32 accumulator) into
+    a new ``dtype`` tensor by row slices, never a second V x H temporary."""
+    math = reference.compute_dtype(dtype)
+    s = s.to(math)
+    if grad.dtype == dtype == math:
+        return grad.mul_(s)
+    if grad.dtype == dtype:  # half precision, in place (ops/scale.py: one launch on CUDA)
+        return scale_inplace(grad, s)
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
-    s = s.to(grad.dtype)
-    for v0 in range(0, grad.shape[0], VOCAB_SLICE):
+    for v0 in range(0, grad.shape[0], VOCAB_SLICE):  # an fp32 accumulator: fp32 product
         torch.mul(grad[v0:v0 + VOCAB_SLICE], s, out=out[v0:v0 + VOCAB_SLICE])
     return out
 
@@ -409,6 +415,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
 
     with torch.no_grad():
         want_grad = any(needs)
+        has_label = labelled(head.targets, head.weight.shape[0] if shard is None else None)
         if mode == "fast":
             plan = _group_chunks(batch, head.token_shape, chunk_tokens, hidden.device)
             grads = Grads(head, *needs, grad_weight_fp32=weight_accumulates_fp32(grad_weight_fp32, len(plan)))
@@ -428,7 +435,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                 if want_grad:
                     sub = _chunk_batch(batch, chunk, lp.to(logp.dtype), slots)
                     chunk_result = step(sub, chunk_options)
-                    token_grad = chunk_result.token_grad.reshape(-1)
+                    token_grad = torch.where(has_label[chunk.tokens], chunk_result.token_grad.reshape(-1), 0.0)
                     if chunk_result.grad_scale is not None:
                         token_grad = token_grad * chunk_result.grad_scale
                     if flat_weights is not None:
@@ -449,7 +456,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                     flat_entropy[chunk.tokens] = ent
             buffer = logits = None  # freed: pass 2 has its own tile (vocab_blocks.py)
             result = step(batch, options)
-            token_grad = result.token_grad.reshape(-1)
+            token_grad = torch.where(has_label, result.token_grad.reshape(-1), 0.0)
             if flat_weights is not None:
                 token_grad = token_grad * flat_weights
             grads = _vocab_blocked_grads(head, needs, shard, lse_all, token_grad, chunk_tokens)
@@ -544,8 +551,10 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def _grads(ctx, grad_logp):
         (lse_all,) = ctx.saved_tensors
         head = ctx.head
-        grads = _vocab_blocked_grads(head, ctx.needs_input_grad[:3], ctx.shard, lse_all,
-                                     grad_logp.reshape(-1).to(head.logp_dtype), ctx.chunk_tokens)
+        vocab = head.weight.shape[0] if ctx.shard is None else None
+        token_grad = torch.where(labelled(head.targets, vocab), grad_logp.reshape(-1).to(head.logp_dtype), 0.0)
+        grads = _vocab_blocked_grads(head, ctx.needs_input_grad[:3], ctx.shard, lse_all, token_grad,
+                                     ctx.chunk_tokens)
         hidden = grads.hidden
         if hidden is not None:
             hidden = hidden.to(head.hidden.dtype).view(*head.token_shape, hidden.shape[-1])

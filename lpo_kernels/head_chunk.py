@@ -57,6 +57,15 @@ def weight_accumulates_fp32(grad_weight_fp32, n_chunks: int) -> bool:
     return bool(grad_weight_fp32)
 
 
+def labelled(targets: Tensor, vocab: int | None) -> Tensor:
+    """Tokens whose target is a vocabulary id. Elsewhere (-100, ...) logp is the constant 0,
+    so its gradient must be 0 whatever d loss / d logp says: the heads zero it there (the
+    row kernels alone would still write -softmax). ``vocab`` None (a tensor-parallel shard,
+    whose rows are one slice): only negative ids count as unlabelled (ids beyond the global
+    vocabulary are an input error, named under ``validate``)."""
+    return targets >= 0 if vocab is None else (targets >= 0) & (targets < vocab)
+
+
 # --------------------------------------------------------------------------- one chunk
 class Grads:
     """Gradient buffers of a one-pass head (``fast``, the GRPO head), allocated only for
@@ -127,8 +136,8 @@ def _probe_fp32_accumulating_gemm(device: torch.device, dtype: torch.dtype) -> b
         a = torch.randn(16, 8, device=device).to(dtype)
         b = torch.randn(8, 32, device=device).to(dtype)
         acc = torch.ones(16, 32, device=device)
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        return bool(torch.allclose(acc, 1.0 + a.float() @ b.float(), rtol=1e-2, atol=1e-2))
+        torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=0.5, out=acc)  # alpha: as used
+        return bool(torch.allclose(acc, 1.0 + 0.5 * (a.float() @ b.float()), rtol=1e-2, atol=1e-2))
     except (RuntimeError, TypeError):
         return False
 

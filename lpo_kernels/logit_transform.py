@@ -15,8 +15,9 @@ With a cap the chunk's logits buffer is overwritten by ``f(u)`` right after its 
 rounding to the buffer's dtype, the math in fp32/fp64); the row kernels then see ``f(u)``
 as their logits. For the gradient, ``f'(u) = logit_scale * (1 - (f(u)/softcap)^2)`` is read
 from that same buffer before the row kernel overwrites it with ``d/d f(u)``; both steps run
-over vocabulary slices of ``SLICE_COLUMNS`` columns, so the only temporaries are
-``chunk x SLICE_COLUMNS`` (no second ``chunk x V`` buffer).
+over blocks of at most ``SLICE_COLUMNS`` columns and ``SLICE_ELEMENTS`` elements, so the
+only temporaries are a few fp32 blocks, whatever the chunk's (or ``vocab_blocks.py``'s
+all-token tile's) row count: no second ``chunk x V`` buffer.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor
 from .reference import compute_dtype
 
 SLICE_COLUMNS = 4096  # vocabulary columns per temporary (tests shrink it to cover slicing)
+SLICE_ELEMENTS = 1 << 22  # elements per temporary (16 MiB in fp32): rows are sliced too
 
 
 def check_logit_transform(softcap, logit_scale) -> tuple[float | None, float]:
@@ -45,15 +47,19 @@ def check_logit_transform(softcap, logit_scale) -> tuple[float | None, float]:
     return (None if softcap is None else float(softcap)), float(logit_scale)
 
 
-def _column_slices(vocab: int):
+def _blocks(rows: int, vocab: int):
+    """(row slice, first column, end column) blocks covering a [rows, vocab] buffer."""
     for v0 in range(0, vocab, SLICE_COLUMNS):
-        yield v0, min(v0 + SLICE_COLUMNS, vocab)
+        v1 = min(v0 + SLICE_COLUMNS, vocab)
+        step = max(1, SLICE_ELEMENTS // (v1 - v0))
+        for r0 in range(0, rows, step):
+            yield slice(r0, min(r0 + step, rows)), v0, v1
 
 
 def softcap_inplace(logits: Tensor, softcap: float, logit_scale: float) -> None:
     """``logits <- softcap * tanh(logit_scale * logits / softcap)`` (math in fp32/fp64)."""
-    for v0, v1 in _column_slices(logits.shape[1]):
-        part = logits[:, v0:v1]
+    for rows, v0, v1 in _blocks(*logits.shape):
+        part = logits[rows, v0:v1]
         u = part.to(compute_dtype(part.dtype))
         part.copy_(torch.tanh(u * (logit_scale / softcap)) * softcap)
 
@@ -63,15 +69,15 @@ def softcap_grad_inplace(grad_inplace: Callable, capped: Tensor, targets: Tensor
                          logit_scale: float) -> None:
     """``capped`` holds ``f(u)`` of a chunk; overwrite it with ``d loss / d u``:
     the row kernel's ``d/d f(u)`` times ``f'(u) = logit_scale * (1 - (f(u)/softcap)^2)``."""
-    for v0, v1 in _column_slices(capped.shape[1]):
-        part = capped[:, v0:v1]
+    for rows, v0, v1 in _blocks(*capped.shape):
+        part = capped[rows, v0:v1]
         work = part.to(compute_dtype(part.dtype))  # the slice itself for fp32/fp64 buffers
         chain = (1.0 - (work / softcap).square()).mul_(logit_scale)  # before work is overwritten
         if work.data_ptr() != part.data_ptr():
             work = work.contiguous()
         # Column slice: the one-hot term lands only in the slice that holds the target
         # (targets outside [0, v1 - v0) after the shift get none, as the row kernels specify).
-        grad_inplace(work, targets - v0, lse, grad_logp, inv_temperature)
+        grad_inplace(work, targets[rows] - v0, lse[rows], grad_logp[rows], inv_temperature)
         # an exact-zero gradient stays 0 over NaN logits (rows without gradient, as the row
         # kernels write them), instead of 0 * NaN
         work.mul_(chain.masked_fill_(work == 0, 0.0))
@@ -88,4 +94,4 @@ def transform_logits_reference(logits: Tensor, softcap: float | None, logit_scal
 
 
 __all__ = ["check_logit_transform", "softcap_inplace", "softcap_grad_inplace",
-           "transform_logits_reference", "SLICE_COLUMNS"]
+           "transform_logits_reference", "SLICE_COLUMNS", "SLICE_ELEMENTS"]

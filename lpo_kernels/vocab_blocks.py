@@ -33,7 +33,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .head_chunk import Head, chunk_logits, gemm_accumulates_fp32, logit_storage_scale, logits_grad
+from .head_chunk import (VOCAB_SLICE, Head, chunk_logits, gemm_accumulates_fp32, logit_storage_scale,
+                         logits_grad)
 from .reference import compute_dtype
 
 MIN_BLOCK_ROWS = 256  # narrowest vocabulary block before the tokens are split too
@@ -66,8 +67,13 @@ def _add_product(acc: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
     elif a.device.type == "cpu":
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
-    else:  # a CUDA torch without fp32-output GEMMs: each block's part rounded once
-        acc.add_(torch.mm(a, b), alpha=alpha)
+    else:  # a CUDA torch without fp32-output GEMMs: each part rounded once, alpha applied
+        # in the GEMM's epilogue (an fp16 tile holds 2^8 x the gradient), by row slices
+        # so the half-precision temporary stays VOCAB_SLICE x H
+        zero = torch.zeros((), dtype=a.dtype, device=a.device)
+        for r0 in range(0, a.shape[0], VOCAB_SLICE):
+            rows = slice(r0, r0 + VOCAB_SLICE)
+            acc[rows].add_(torch.addmm(zero, a[rows], b, beta=0.0, alpha=alpha))
 
 
 def _write_product(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
@@ -92,10 +98,12 @@ def vocab_blocked_grads(head: Head, needs, targets: Tensor, lse: Tensor, token_g
     bias_req = bias_req and bias is not None
     acc_dtype = compute_dtype(hidden.dtype)
     grad_h = torch.zeros(hidden.shape, dtype=acc_dtype, device=hidden.device) if hidden_req else None
-    grad_w = torch.zeros_like(weight) if weight_req else None
-    grad_b = torch.zeros_like(bias) if bias_req else None
     if n == 0 or not (hidden_req or weight_req or bias_req):
-        return BlockGrads(grad_h, grad_w, grad_b)
+        return BlockGrads(grad_h, torch.zeros_like(weight) if weight_req else None,
+                          torch.zeros_like(bias) if bias_req else None)
+    # every row of grad_w / grad_b is written below: no memset of V x H
+    grad_w = torch.empty_like(weight) if weight_req else None
+    grad_b = torch.empty_like(bias) if bias_req else None
     s = logit_storage_scale(hidden.dtype, head.softcap)  # d/du = s * d/d(stored)
     # rows whose d loss / d logp is 0 (padding, masked, clipped) add nothing to grad-weight,
     # even a NaN hidden state there (the row kernel writes exact zeros into their logits)
@@ -105,15 +113,19 @@ def vocab_blocked_grads(head: Head, needs, targets: Tensor, lse: Tensor, token_g
     rows, piece = block_sizes(n, vocab, tile_elements)
     tile_store = torch.empty(piece * rows, dtype=hidden.dtype, device=hidden.device)
     split = piece < n
+    # tokens split: a block's grad-weight is summed over the pieces in fp32 (fp32/fp64
+    # weights: in place in grad_w itself)
     w_acc = (torch.empty(rows, hidden.shape[1], dtype=acc_dtype, device=hidden.device)
-             if split and weight_req else None)
+             if split and weight_req and acc_dtype != weight.dtype else None)
     for v0 in range(0, vocab, rows):
         v1 = min(v0 + rows, vocab)
         block = head._replace(weight=weight[v0:v1], bias=None if bias is None else bias[v0:v1])
         local = targets - v0
         local = torch.where((local >= 0) & (local < v1 - v0), local, torch.full_like(local, -1))
-        if w_acc is not None:
-            w_acc.zero_()
+        w_sum = None
+        if split and weight_req:
+            w_sum = grad_w[v0:v1] if w_acc is None else w_acc[:v1 - v0]
+            w_sum.zero_()
         b_acc = (torch.zeros(v1 - v0, dtype=acc_dtype, device=hidden.device) if bias_req else None)
         for t0 in range(0, n, piece):
             t1 = min(t0 + piece, n)
@@ -123,8 +135,8 @@ def vocab_blocked_grads(head: Head, needs, targets: Tensor, lse: Tensor, token_g
             logits_grad(grad_inplace, tile, block, local[tokens], lse[tokens], token_grad[tokens])
             if grad_h is not None:
                 _add_product(grad_h[tokens], tile, block.weight, s)
-            if weight_req and split:
-                _add_product(w_acc[:v1 - v0], tile.t(), h_w[tokens], s)
+            if w_sum is not None:
+                _add_product(w_sum, tile.t(), h_w[tokens], s)
             elif weight_req:
                 _write_product(grad_w[v0:v1], tile.t(), h_w, s)
             if b_acc is not None:

@@ -518,9 +518,10 @@ def test_gpu_benchmark_against_gemm_floor():
         t_lp, _ = measure(lambda: fused_linear_logprobs(h, weight.detach(), data[1], return_entropy=True,
                                                          backend="triton"))
     print(f"fused logprobs+entropy (no grad, from hidden): {t_lp:.1f} ms")
-    # low_memory's goal (performance.md): peak extra <= the bf16 grads + 0.75 GiB
-    grads_bf16 = (data[0].numel() + weight.numel()) * 2 / 2**30
-    assert results[("low_memory", "auto")] <= grads_bf16 + 0.75, results[("low_memory", "auto")]
+    # low_memory's goal (performance.md): peak extra <= the bf16 grads + 0.75 GiB. measure()
+    # takes its base after a warm-up call whose gradients are still held (fn frees them
+    # before making new ones), so what it reports is already the extra over the grads.
+    assert results[("low_memory", "auto")] <= 0.75, results[("low_memory", "auto")]
     small = inputs(1)
     _, m_small = measure(run("fast", *small, grad_weight_fp32=True))
     grads_small = (small[0].numel() * 2 + weight.numel() * 4) / 2**30

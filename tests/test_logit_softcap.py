@@ -23,6 +23,7 @@ TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4)}
 @pytest.fixture(autouse=True)
 def narrow_slices(monkeypatch):
     monkeypatch.setattr(logit_transform, "SLICE_COLUMNS", 16)  # vocab 50: 4 slices, one ragged
+    monkeypatch.setattr(logit_transform, "SLICE_ELEMENTS", 80)  # and blocks of 5 rows (ragged too)
 
 
 def scaled_case(dtype, seed=0, **kw):
@@ -174,3 +175,25 @@ def test_nan_hidden_at_uncounted_tokens_reaches_nothing_with_a_cap(mode):
     for name in ("hidden", "weight", "bias"):
         assert bool(torch.isfinite(runs[0][name].grad).all()), name
         assert_close(runs[0][name].grad, runs[1][name].grad, atol=1e-14, rtol=1e-12, name=name)
+
+
+def test_grpo_entropy_bonus_through_row_blocks(monkeypatch):
+    """The entropy-bonus gradient (fused_grpo's own row function, whose per-row factors ride
+    as the "grad_logp" argument) gives the same result in small row x column blocks of the
+    cap as in one block (that one is checked against TRL's head in test_trl_loss_parity)."""
+    case = scaled_case(torch.float64, seed=4)
+    targets, mask = case["target_ids"].clamp(min=0), case["mask"]
+    advantages = case["rewards"].to(case["old_logp"].dtype)
+    runs = []
+    for columns, elements in ((16, 80), (4096, 1 << 22)):
+        monkeypatch.setattr(logit_transform, "SLICE_COLUMNS", columns)
+        monkeypatch.setattr(logit_transform, "SLICE_ELEMENTS", elements)
+        p = leaves(case)
+        loss, _ = fused_linear_grpo_loss(p["hidden"], p["weight"], targets, mask, advantages, bias=p["bias"],
+                                         temperature=1.1, old_logp=case["old_logp"], chunk_tokens=12,
+                                         backend="torch", softcap=2.0, logit_scale=1.7, loss_type="dapo",
+                                         entropy_coef=0.3)
+        loss.backward()
+        runs.append((loss.detach(), p))
+    assert_close(runs[0][0], runs[1][0], atol=1e-13, rtol=1e-12, name="loss")
+    assert_head_grads_close(runs[0][1], runs[1][1], 1e-13, 1e-11)

@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from lpo_kernels import fused_linear, head_chunk, reference, vocab_blocks
 from lpo_kernels.fused_linear import fused_linear_logprobs, fused_linear_lpo_loss
 from lpo_kernels.fused_grpo import fused_linear_grpo_loss
+from lpo_kernels.ops import scale as scale_op
 from lpo_kernels.ops.loss_head import logits_grad_inplace_torch
 
 from .test_fused_linear import fused_loss, make_head_case, naive_loss
@@ -222,7 +223,11 @@ def _memory_case(n=256, hidden_size=512, vocab=4096):
     ("fast", "auto", 128, False),       # 2 chunks of 2 groups: the weight's dtype
     ("fast", "auto", 64, True),         # 4 chunks of one group: fp32
     ("fast", False, 64, False)])
-def test_memory_no_fp32_vocab_accumulator(mode, flag, chunk_tokens, fp32_accumulator):
+def test_memory_no_fp32_vocab_accumulator(monkeypatch, mode, flag, chunk_tokens, fp32_accumulator):
+    # the backward's fp32 scaling runs by slices of 8192 rows (all of this toy V); shrink
+    # them so the only V x H fp32 allocation can be an accumulator
+    monkeypatch.setattr(scale_op, "SLICE_ELEMENTS", 256 * 512)
+    monkeypatch.setattr(fused_linear, "VOCAB_SLICE", 256)
     h, w, targets, cu, rewards, group_ids = _memory_case()
     n, hidden_size = h.shape
     vocab = w.shape[0]
@@ -307,3 +312,110 @@ def test_gpu_vocab_blocked_grads(monkeypatch, backend, dtype, layout):
         err = float((x.double() - t).norm() / t.norm())
         err_plain = float((p.double() - t).norm() / t.norm())
         assert err <= 1.5 * err_plain + 1e-6, (name, err, err_plain)
+
+
+# --------------------------------------------------------------------------- backward scale
+@pytest.mark.parametrize("mode", ["fast", "low_memory"])
+def test_backward_scale_is_applied_in_fp32(mode):
+    """Gradients held in bf16 are scaled by grad_output (x 1/G) in fp32 and rounded once:
+    ``(loss / 3).backward()`` gives exactly bf16(fp32(g) * fp32(1/3)), with no bias from a
+    bf16-rounded 1/3 (0.33398: +0.18% on every element)."""
+    case = make_head_case(n_groups=3, group_size=4, seq_len=10, hidden_size=32, vocab=300, seed=12)
+    low = {**case, "hidden": case["hidden"].bfloat16(), "weight": case["weight"].bfloat16()}
+    grads = {}
+    for divisor in (1.0, 3.0):
+        p = {k: low[k].clone().requires_grad_() for k in ("hidden", "weight")}
+        loss, _ = fused_linear_lpo_loss(p["hidden"], p["weight"], low["target_ids"], low["mask"], low["group_ids"],
+                                        low["rewards"], old_logp=low["old_logp"], mode=mode, reduction="sum",
+                                        backend="torch")
+        (loss / divisor).backward()
+        grads[divisor] = p
+    third = torch.tensor(1.0, dtype=torch.float32) / 3.0
+    for name in ("hidden", "weight"):
+        want = (grads[1.0][name].grad.float() * third).bfloat16()
+        if name == "hidden" and mode == "low_memory":  # held in the fp32 accumulator: one
+            # rounding of acc/3 here, two in ``want``; equal within an ulp, and unbiased
+            got, ref = grads[3.0][name].grad.double(), want.double()
+            assert bool(((got - ref).abs() <= ref.abs() * 2.0 ** -7).all())
+            assert abs(float((got[ref != 0] / ref[ref != 0]).mean()) - 1.0) < 3e-4
+        else:
+            assert torch.equal(grads[3.0][name].grad, want), name
+    # reduction="mean" with G = 3 groups: the 1/3 is the head's own scale; no bias either
+    runs = {flag: fused_loss(low, mode="fast", backend="torch", grad_weight_fp32=flag)[2]["weight"].grad
+            for flag in ("auto", True)}
+    ratio = (runs["auto"].double() / runs[True].double())[runs[True] != 0]
+    assert abs(float(ratio.mean()) - 1.0) < 3e-4, float(ratio.mean())
+
+
+# --------------------------------------------------------------------------- unlabelled tokens
+def _unlabelled_case():
+    case = make_head_case(n_groups=2, group_size=3, seq_len=7, hidden_size=16, vocab=60, seed=21)
+    targets = case["target_ids"].clone()
+    targets[0, 1], targets[3, 2] = -100, 60  # counted (mask 1) but no vocabulary id
+    mask = case["mask"].clone()
+    mask[0, 1] = mask[3, 2] = True
+    case["old_logp"][0, 1] = case["old_logp"][3, 2] = 0.0  # log-ratio 0: inside LPO's clip
+    return case, targets, mask, ((0, 1), (3, 2))
+
+
+@pytest.mark.parametrize("head", ["logprobs", "grpo", "grpo_entropy", "lpo_fast", "lpo_low_memory"])
+def test_unlabelled_tokens_get_no_gradient(head):
+    """logp (and entropy) are the constant 0 at a target outside [0, V): the loss does not
+    depend on that token's hidden state, so its gradient is exactly 0 and grad-weight
+    cannot see it (a NaN there changes nothing). The row kernels alone would write
+    -softmax * g there."""
+    case, targets, mask, spots = _unlabelled_case()
+    runs = []
+    for fill in (None, float("nan")):
+        hidden = case["hidden"].clone()
+        for b, t in spots:
+            hidden[b, t] = fill if fill is not None else hidden[b, t]
+        h = hidden.clone().requires_grad_()
+        w = case["weight"].clone().requires_grad_()
+        if head == "logprobs":
+            loss = fused_linear_logprobs(h, w, targets, backend="torch").sum()
+        elif head.startswith("grpo"):
+            adv = torch.randn(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            extra = dict(entropy_coef=0.2) if head == "grpo_entropy" else {}
+            loss, _ = fused_linear_grpo_loss(h, w, targets, mask, adv, old_logp=case["old_logp"],
+                                             backend="torch", validate=False, **extra)
+        else:
+            loss, _ = fused_linear_lpo_loss(h, w, targets, mask, case["group_ids"], case["rewards"],
+                                            old_logp=case["old_logp"], backend="torch", validate=False,
+                                            mode=head.split("_", 1)[1])
+        loss.backward()
+        runs.append((h.grad, w.grad))
+    for b, t in spots:
+        assert bool((runs[0][0][b, t] == 0).all()), (head, b, t)
+    assert bool(torch.isfinite(runs[1][0]).all() and torch.isfinite(runs[1][1]).all()), head
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][0], runs[1][0]), head
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(0,), (5,), (4097,), (37, 130), (3, 5, 7)])
+def test_scale_inplace_is_fp32_math_rounded_once(path, dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).to(dtype)
+    s = torch.tensor(1.0, dtype=torch.float32) / 3.0
+    want = (x.float() * s).to(dtype)
+    got = x.clone()
+    (scale_op.scale_inplace_torch if path == "torch" else scale_op.scale_inplace_triton)(got, s)
+    if path == "triton" and dtype == torch.bfloat16:  # the CPU interpreter truncates bf16
+        # stores (the GPU rounds to nearest even: test_gpu_scale_inplace_bf16): within an ulp
+        ulp = (want.float().abs() * 2.0 ** -7).clamp(min=2.0 ** -133)
+        assert bool(((got.float() - want.float()).abs() <= ulp).all())
+    else:
+        assert torch.equal(got, want)
+    if x.numel() > 100:  # what a half-precision multiply does instead: elements biased alike
+        assert not torch.equal(x * s.to(dtype), want)
+    with pytest.raises(TypeError, match="fp16/bf16"):
+        scale_op.scale_inplace(x.float(), s)
+
+
+@pytest.mark.gpu
+def test_gpu_scale_inplace_bf16():
+    x = torch.randn(3 * 4096 + 17, device="cuda").bfloat16()
+    s = torch.tensor(1.0, device="cuda") / 3.0
+    want = (x.float() * s).bfloat16()
+    assert torch.equal(scale_op.scale_inplace(x.clone(), s), want)
