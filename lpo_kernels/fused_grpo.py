@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .fused_linear import (HeadOutputs, _attach, _check_chunk_tokens, _check_head, _needs_grad,
                            _vocab_shard_checked)
-from .head_chunk import Grads, check_grad_weight_fp32, chunk_logits, logits_grad, new_buffer, weight_accumulates_fp32
+from .head_chunk import (Grads, check_grad_weight_fp32, chunk_logits, labelled, logits_grad, new_buffer,
+                         weight_accumulates_fp32)
 from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, check_grpo_values, grpo_forward,
                    grpo_options, high_entropy_mask)
 from . import padding_free  # padded input: the GEMMs over the real (mask != 0) tokens only
@@ -89,7 +90,6 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                       ref_logp=ref_logp, sampling_logp=sampling_logp,
                       importance_sampling_ratio=importance_sampling_ratio)
     shard = _vocab_shard_checked(head, mask, validate, tp_group, vocab_start)  # None: one process
-    vocab = head.weight.shape[0] if shard is None else None  # global ids are checked by the shard
     chunk_tokens = _check_chunk_tokens(chunk_tokens, "fast")
     grad_weight_fp32 = check_grad_weight_fp32(grad_weight_fp32)
     # chunks of whole rows holding only their real tokens: (rows a:b, their flat token
@@ -101,7 +101,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     want_entropy = return_entropy or opts.needs_entropy
     dtype = head.logp_dtype
     # tokens with a real label that the loss counts; elsewhere logp/entropy are 0 (TRL)
-    written = head.targets >= 0 if vocab is None else (head.targets >= 0) & (head.targets < vocab)
+    written = labelled(head.targets, head.weight.shape[0]) if shard is None else shard.labelled(head.targets)
     if mask is not None:
         written = written & (mask.reshape(-1) != 0)
     logp = torch.zeros(shape, dtype=dtype, device=hidden.device)
@@ -161,14 +161,15 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
                 def grad_kernel(work, t, lse_rows, per_row, inv_t):
                     _logits_grad_with_entropy_inplace(work, to_local(t), lse_rows, per_row[:, 1], per_row[:, 0],
                                                       per_row[:, 2], inv_t)
-                row_factors = torch.stack([g_lp_chunk, ent.to(g_lp_chunk.dtype),
-                                           torch.where(counted, g_h.reshape(-1)[local], 0.0)], 1)
+                g_h_chunk = torch.where(counted, g_h.reshape(-1)[local], 0.0)
+                row_factors = torch.stack([g_lp_chunk, ent.to(g_lp_chunk.dtype), g_h_chunk], 1)
+                row_grad = g_lp_chunk.abs() + g_h_chunk.abs()  # 0 exactly where the row's gradient is
             else:
-                grad_kernel, row_factors = grad_inplace, g_lp_chunk
+                grad_kernel, row_factors, row_grad = grad_inplace, g_lp_chunk, g_lp_chunk
             logits_grad(grad_kernel, logits, head, targets, lse, row_factors)
-            # rows outside ``counted`` have a zero logits-gradient: their hidden states are kept
+            # rows without gradient (outside ``counted``, clipped, ...) keep their hidden states
             # out of grad-weight (a NaN there cannot leak through 0 * NaN)
-            grads.add_chunk(logits, head, tokens, counted.to(g_lp_chunk.dtype) if entropy_grad else g_lp_chunk)
+            grads.add_chunk(logits, head, tokens, row_grad)
         del buffer
         loss, stats = grpo_forward(logp, old_logp, mask, advantages, ref_logp, opts,
                                    entropy=entropy, sampling_logp=sampling_logp,

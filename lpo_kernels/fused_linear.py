@@ -415,7 +415,7 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
 
     with torch.no_grad():
         want_grad = any(needs)
-        has_label = labelled(head.targets, head.weight.shape[0] if shard is None else None)
+        has_label = labelled(head.targets, head.weight.shape[0]) if shard is None else shard.labelled(head.targets)
         if mode == "fast":
             plan = _group_chunks(batch, head.token_shape, chunk_tokens, hidden.device)
             grads = Grads(head, *needs, grad_weight_fp32=weight_accumulates_fp32(grad_weight_fp32, len(plan)))
@@ -551,8 +551,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def _grads(ctx, grad_logp):
         (lse_all,) = ctx.saved_tensors
         head = ctx.head
-        vocab = head.weight.shape[0] if ctx.shard is None else None
-        token_grad = torch.where(labelled(head.targets, vocab), grad_logp.reshape(-1).to(head.logp_dtype), 0.0)
+        has_label = (labelled(head.targets, head.weight.shape[0]) if ctx.shard is None
+                     else ctx.shard.labelled(head.targets))
+        token_grad = torch.where(has_label, grad_logp.reshape(-1).to(head.logp_dtype), 0.0)
         grads = _vocab_blocked_grads(head, ctx.needs_input_grad[:3], ctx.shard, lse_all, token_grad,
                                      ctx.chunk_tokens)
         hidden = grads.hidden

@@ -57,12 +57,12 @@ def weight_accumulates_fp32(grad_weight_fp32, n_chunks: int) -> bool:
     return bool(grad_weight_fp32)
 
 
-def labelled(targets: Tensor, vocab: int | None) -> Tensor:
-    """Tokens whose target is a vocabulary id. Elsewhere (-100, ...) logp is the constant 0,
-    so its gradient must be 0 whatever d loss / d logp says: the heads zero it there (the
-    row kernels alone would still write -softmax). ``vocab`` None (a tensor-parallel shard,
-    whose rows are one slice): only negative ids count as unlabelled (ids beyond the global
-    vocabulary are an input error, named under ``validate``)."""
+def labelled(targets: Tensor, vocab) -> Tensor:
+    """Tokens whose target is a vocabulary id in [0, ``vocab``) (an int or a 0-dim tensor).
+    Elsewhere (-100, ...) logp is the constant 0, so its gradient must be 0 whatever
+    d loss / d logp says: the heads zero it there (the row kernels alone would still write
+    -softmax). ``vocab`` None (unknown: a tensor-parallel shard given ``vocab_start``): only
+    negative ids count as unlabelled (ids >= V are an input error, named under ``validate``)."""
     return targets >= 0 if vocab is None else (targets >= 0) & (targets < vocab)
 
 

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .head_chunk import labelled
 from .inputs import check_targets_in_vocab, resolve_validate
 from .ops.loss_head import row_kernels as _plain_row_kernels
 
@@ -63,6 +64,14 @@ class VocabShard:
     rank: int
     shard_size: int          # V_r, rows of this rank's weight
     vocab_start: object      # int, or an int64 0-dim tensor (all-gathered: no host sync)
+    vocab_size: object = None  # the global V (0-dim tensor) when the sizes were all-gathered
+
+    def labelled(self, targets: Tensor) -> Tensor:
+        """Tokens whose target some rank owns (``head_chunk.labelled`` on the global
+        vocabulary). With ``vocab_start`` given, the global V is not known without a
+        collective: only negative ids count as unlabelled then (ids >= V are an input
+        error, named under ``validate``)."""
+        return labelled(targets, self.vocab_size)
 
     def local_targets(self, targets: Tensor) -> Tensor:
         """Global ids -> ids in this slice; -1 where another rank (or none) owns the id."""
@@ -123,7 +132,8 @@ def vocab_shard(tp_group, weight: Tensor, vocab_start=None) -> VocabShard | None
         size = torch.tensor([shard_size], dtype=torch.long, device=weight.device)
         sizes = torch.empty(world, 1, dtype=torch.long, device=weight.device)
         dist.all_gather(list(sizes.unbind(0)), size, group=tp_group)
-        return VocabShard(tp_group, world, rank, shard_size, sizes.view(-1)[:rank].sum())
+        sizes = sizes.view(-1)
+        return VocabShard(tp_group, world, rank, shard_size, sizes[:rank].sum(), sizes.sum())
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start must be a non-negative int, got {vocab_start!r}")
     return VocabShard(tp_group, world, rank, shard_size, vocab_start)

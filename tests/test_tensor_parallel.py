@@ -162,6 +162,30 @@ def _logprobs(tp, *, dtype, backend, explicit_start=False, device="cpu", masked_
     return _grads(out, h, w, b)
 
 
+def _unlabelled(tp):
+    """Counted tokens whose target no rank owns (-100, V, V + 3): logp is the constant 0, so
+    no gradient, as on one process (the global V from the all-gathered slice sizes)."""
+    c = make_head_case(n_groups=2, group_size=3, seq_len=6, vocab=VOCAB, seed=31)
+    targets, mask, old = c["target_ids"].clone(), c["mask"].clone(), c["old_logp"].clone()
+    for (row, col), bad in zip(((0, 1), (2, 0), (4, 2)), (-100, VOCAB, VOCAB + 3)):
+        targets[row, col], mask[row, col], old[row, col] = bad, True, 0.0  # log-ratio 0: not clipped
+    out = {}
+    for name in ("logprobs", "grpo", "lpo"):
+        h, w = _leaf(c["hidden"]), _leaf(_shard(c["weight"], tp))
+        if name == "logprobs":
+            loss = fused_linear_logprobs(h, w, targets, backend="torch", **_tp_kwargs(tp)).sum()
+        elif name == "grpo":
+            loss, _ = fused_linear_grpo_loss(h, w, targets, mask, c["rewards"], old_logp=old, backend="torch",
+                                             validate=False, **_tp_kwargs(tp))
+        else:
+            loss, _ = fused_linear_lpo_loss(h, w, targets, mask, c["group_ids"], c["rewards"], old_logp=old,
+                                            backend="torch", validate=False, **_tp_kwargs(tp))
+        loss.backward()
+        out.update({f"{name}_loss": loss.detach(), f"{name}_grad_hidden": h.grad,
+                    f"{name}_grad_weight": w.grad})
+    return out
+
+
 F64, F32 = torch.float64, torch.float32
 CASES = {
     "lpo_fast_f64": lambda tp: _lpo(tp, dtype=F64, mode="fast", backend="torch", packed=False),
@@ -187,6 +211,7 @@ CASES = {
     "logprobs_bf16": lambda tp: _logprobs(tp, dtype=torch.bfloat16, backend="torch"),
     "logprobs_f64_masked_vocab": lambda tp: _logprobs(tp, dtype=F64, backend="torch",
                                                       masked_vocab=True),
+    "unlabelled_ids_f64": _unlabelled,
 }
 REFERENCES = {"lpo_split_groups_fast_f64": lambda: _lpo_whole_for_split(None, mode="fast"),
               "lpo_split_groups_low_memory_f64": lambda: _lpo_whole_for_split(None, mode="low_memory")}
@@ -375,14 +400,15 @@ def test_vocab_parallel_equals_single_process(world, name, references):
         start = sum(SPLITS[world][:rank])
         rows = slice(start, start + SPLITS[world][rank])
         for key, want in expected.items():
-            if key in ("grad_weight", "grad_bias"):
+            if key.endswith(("grad_weight", "grad_bias")):
                 want = want[rows]  # this rank's slice of the full gradient
             assert got[key].dtype == want.dtype, (name, key)
             assert_close(got[key], want, name=f"{name} rank {rank} {key}", **tol)
         for key in REPLICATED:
             if key in got:
                 assert torch.equal(got[key], ranks[0][key]), f"{name}: {key} differs between ranks"
-        assert torch.equal(got["grad_hidden"], ranks[0]["grad_hidden"]), name
+        for key in [k for k in got if k.endswith("grad_hidden")]:
+            assert torch.equal(got[key], ranks[0][key]), (name, key)
     if name.startswith("lpo_split"):  # the micro-calls' records are identical on every rank
         for key in [k for k in ranks[0] if k.startswith("records")]:
             assert all(torch.equal(r[key], ranks[0][key]) for r in ranks)

@@ -53,6 +53,9 @@ def scale_inplace(x: Tensor, s: Tensor) -> Tensor:
     """``x * s`` in place, fp32 math, one rounding: Triton on CUDA, PyTorch elsewhere."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"scale_inplace is for fp16/bf16 tensors, got {x.dtype}")
+    if s.numel() != 1 or not s.is_floating_point():
+        raise ValueError(f"s must be one floating-point number (a 0-dim tensor), got shape "
+                         f"{tuple(s.shape)} {s.dtype}")
     if x.is_cuda and x.is_contiguous() and s.is_cuda:
         return scale_inplace_triton(x, s)
     return scale_inplace_torch(x, s)
