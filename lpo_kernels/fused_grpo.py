@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .fused_linear import (HeadOutputs, _attach, _check_chunk_tokens, _check_head, _needs_grad,
                            _vocab_shard_checked)
-from .head_chunk import (Grads, check_grad_weight_fp32, chunk_logits, labelled, logits_grad, new_buffer,
+from .head_chunk import (Grads, check_grad_weight_fp32, chunk_logits, logits_grad, new_buffer,
                          weight_accumulates_fp32)
 from .grpo import (GRPOStats, batch_scope, check_grpo_tensors, check_grpo_values, grpo_forward,
                    grpo_options, high_entropy_mask)
@@ -101,7 +101,7 @@ def fused_linear_grpo_loss(hidden, weight, target_ids, mask, advantages, *, bias
     want_entropy = return_entropy or opts.needs_entropy
     dtype = head.logp_dtype
     # tokens with a real label that the loss counts; elsewhere logp/entropy are 0 (TRL)
-    written = labelled(head.targets, head.weight.shape[0]) if shard is None else shard.labelled(head.targets)
+    written = tensor_parallel.labelled_tokens(head.targets, head.weight.shape[0], shard)
     if mask is not None:
         written = written & (mask.reshape(-1) != 0)
     logp = torch.zeros(shape, dtype=dtype, device=hidden.device)

@@ -54,7 +54,7 @@ from . import tensor_parallel  # tp_group=: the vocabulary-parallel hooks
 from .functional import first_order_only, listwise_forward_impl, resolve_backend
 from .group_stats import (LPOGroupStats, check_group_stats, listwise_forward_with_group_stats,
                           lpo_group_stats)
-from .head_chunk import (Grads, Head, VOCAB_SLICE, check_grad_weight_fp32, chunk_logits, labelled,
+from .head_chunk import (Grads, Head, VOCAB_SLICE, check_grad_weight_fp32, chunk_logits,
                          logit_storage_scale, logits_grad, new_buffer, weight_accumulates_fp32)
 from .ops.loss_head import row_kernels as plain_row_kernels
 from .ops.scale import scale_inplace
@@ -415,7 +415,8 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
 
     with torch.no_grad():
         want_grad = any(needs)
-        has_label = labelled(head.targets, head.weight.shape[0]) if shard is None else shard.labelled(head.targets)
+        # tokens without a vocabulary id: logp is the constant 0, so no gradient
+        has_label = tensor_parallel.labelled_tokens(head.targets, head.weight.shape[0], shard) if want_grad else None
         if mode == "fast":
             plan = _group_chunks(batch, head.token_shape, chunk_tokens, hidden.device)
             grads = Grads(head, *needs, grad_weight_fp32=weight_accumulates_fp32(grad_weight_fp32, len(plan)))
@@ -456,10 +457,13 @@ def fused_linear_lpo_loss(hidden, weight, target_ids, mask, group_ids, rewards=N
                     flat_entropy[chunk.tokens] = ent
             buffer = logits = None  # freed: pass 2 has its own tile (vocab_blocks.py)
             result = step(batch, options)
-            token_grad = torch.where(has_label, result.token_grad.reshape(-1), 0.0)
-            if flat_weights is not None:
-                token_grad = token_grad * flat_weights
-            grads = _vocab_blocked_grads(head, needs, shard, lse_all, token_grad, chunk_tokens)
+            if want_grad:
+                token_grad = torch.where(has_label, result.token_grad.reshape(-1), 0.0)
+                if flat_weights is not None:
+                    token_grad = token_grad * flat_weights
+                grads = _vocab_blocked_grads(head, needs, shard, lse_all, token_grad, chunk_tokens)
+            else:
+                grads = Grads(head, *needs, grad_weight_fp32=False)  # holds nothing
         if mode == "fast" and options.reduction == "mean":
             scale = 1.0 / result.stats.n_groups.clamp(min=1).to(result.loss.dtype)
         elif mode == "low_memory" and result.grad_scale is not None:
@@ -551,8 +555,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def _grads(ctx, grad_logp):
         (lse_all,) = ctx.saved_tensors
         head = ctx.head
-        has_label = (labelled(head.targets, head.weight.shape[0]) if ctx.shard is None
-                     else ctx.shard.labelled(head.targets))
+        has_label = tensor_parallel.labelled_tokens(head.targets, head.weight.shape[0], ctx.shard)
         token_grad = torch.where(has_label, grad_logp.reshape(-1).to(head.logp_dtype), 0.0)
         grads = _vocab_blocked_grads(head, ctx.needs_input_grad[:3], ctx.shard, lse_all, token_grad,
                                      ctx.chunk_tokens)
@@ -571,8 +574,8 @@ def fused_linear_logprobs(hidden, weight, target_ids, *, bias=None, temperature=
     ``hidden`` ``[..., H]``, ``target_ids`` ``[...]``; returns logp ``[...]`` (fp32; fp64
     for fp64 inputs), differentiable w.r.t. hidden/weight/bias (backward recomputes the
     logits by vocabulary blocks of ``chunk_tokens x V`` elements, ``vocab_blocks.py``: each
-    grad-weight row rounded once, so ``grad_weight_fp32`` has no effect), and with ``return_entropy`` also the tempered entropy
-    (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient.
+    grad-weight row rounded once, so ``grad_weight_fp32`` has no effect), and with
+    ``return_entropy`` also the tempered entropy (detached: trainers log it). Targets outside [0, V) give logp = 0 and no gradient.
     ``softcap``/``logit_scale``: as :func:`fused_linear_lpo_loss`.
     ``tp_group``/``vocab_start``: vocabulary-parallel head (``lpo_kernels/tensor_parallel.py``).
     ``mask`` (``[B, T]`` with ``[B, T, H]`` hidden): only tokens with ``mask != 0`` are

@@ -89,39 +89,67 @@ class Grads:
         state at a padding token cannot reach grad-weight through 0 * NaN."""
         h = head.hidden[rows]
         if self.weight is not None and row_grad is not None:
-            h = torch.where((row_grad != 0)[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+            h = zero_rows_without_gradient(h, row_grad)
         # d/du = s * d/d(stored) for logits stored times s (fp16: 2^-8, exact), applied in
         # the GEMMs' fp32 epilogues (alpha)
         s = logit_storage_scale(head.hidden.dtype, head.softcap)
-        zero = torch.zeros((), dtype=grad_logits.dtype, device=grad_logits.device)
         if self.hidden is not None:
-            if isinstance(rows, slice) and s == 1.0:
-                torch.mm(grad_logits, head.weight, out=self.hidden[rows])
-            elif isinstance(rows, slice):
-                torch.addmm(zero, grad_logits, head.weight, beta=0.0, alpha=s, out=self.hidden[rows])
+            if isinstance(rows, slice):
+                write_product(self.hidden[rows], grad_logits, head.weight, s)
             else:
-                self.hidden.index_copy_(0, rows, torch.addmm(zero, grad_logits, head.weight, beta=0.0, alpha=s))
+                part = torch.empty(grad_logits.shape[0], head.weight.shape[1], dtype=self.hidden.dtype,
+                                   device=self.hidden.device)
+                write_product(part, grad_logits, head.weight, s)
+                self.hidden.index_copy_(0, rows, part)
         if self.weight is not None:
-            if self.weight.dtype == grad_logits.dtype:
-                self.weight.addmm_(grad_logits.t(), h, alpha=s)
-            elif gemm_accumulates_fp32(grad_logits.device, grad_logits.dtype):
-                # one cuBLAS GEMM with bf16/fp16 operands and an fp32 C: no temporary
-                torch.addmm(self.weight, grad_logits.t(), h, out_dtype=self.weight.dtype, alpha=s,
-                            out=self.weight)
-            else:  # fp32 accumulator, low-precision GEMM: slice the vocabulary so the
-                # temporary is VOCAB_SLICE x H, not V x H. On the CPU the operands are
-                # upcast so each chunk's product is summed in fp32, not rounded first.
-                upcast = grad_logits.device.type == "cpu"
-                h_acc = h.to(self.weight.dtype) if upcast else h
-                for v0 in range(0, self.weight.shape[0], VOCAB_SLICE):
-                    v1 = min(v0 + VOCAB_SLICE, self.weight.shape[0])
-                    g = grad_logits[:, v0:v1].t()
-                    if upcast:
-                        self.weight[v0:v1].addmm_(g.to(self.weight.dtype), h_acc, alpha=s)
-                    else:
-                        self.weight[v0:v1].add_(torch.addmm(zero, g, h_acc, beta=0.0, alpha=s))
+            add_product(self.weight, grad_logits.t(), h, s)
         if self.bias is not None:
             self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype), alpha=s)
+
+
+def zero_rows_without_gradient(h: Tensor, row_grad: Tensor) -> Tensor:
+    """``h`` with the rows whose d loss / d logp is 0 (padding, masked, clipped tokens)
+    zeroed, for the grad-weight GEMM: their logits-gradient is exactly 0, and a NaN hidden
+    state there must not reach grad-weight through 0 * NaN."""
+    return torch.where((row_grad != 0)[:, None], h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
+def slice_targets(targets: Tensor, start, size: int) -> Tensor:
+    """Ids -> ids in the vocabulary rows [start, start + size) (``start`` an int or a 0-dim
+    tensor); -1 where the id lies outside (no one-hot there, by the row kernels' contract)."""
+    local = targets - start
+    return torch.where((local >= 0) & (local < size), local, torch.full_like(local, -1))
+
+
+def add_product(acc: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
+    """``acc += alpha * a @ b`` with the product summed in ``acc``'s precision (fp32 for
+    half-precision operands), not rounded to the operands' dtype first."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b, alpha=alpha)
+    elif gemm_accumulates_fp32(a.device, a.dtype):  # cuBLAS: half operands, fp32 C, no temporary
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
+    else:  # by row slices, so the temporary is VOCAB_SLICE rows: on the CPU the operands are
+        # upcast (the product summed in fp32); a CUDA torch without fp32-output GEMMs rounds
+        # each slice's product once, alpha applied in the GEMM's epilogue (an fp16 tile holds
+        # 2^8 x the gradient)
+        upcast = a.device.type == "cpu"
+        b = b.to(acc.dtype) if upcast else b
+        zero = torch.zeros((), dtype=a.dtype, device=a.device)
+        for r0 in range(0, a.shape[0], VOCAB_SLICE):
+            rows = slice(r0, r0 + VOCAB_SLICE)
+            if upcast:
+                acc[rows].addmm_(a[rows].to(acc.dtype), b, alpha=alpha)
+            else:
+                acc[rows].add_(torch.addmm(zero, a[rows], b, beta=0.0, alpha=alpha))
+
+
+def write_product(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
+    """``out = alpha * a @ b``: one GEMM, one rounding to ``out``'s dtype."""
+    if alpha == 1.0:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(torch.zeros((), dtype=out.dtype, device=out.device), a, b, beta=0.0, alpha=alpha,
+                    out=out)
 
 
 def gemm_accumulates_fp32(device: torch.device, dtype: torch.dtype) -> bool:

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .head_chunk import labelled
+from .head_chunk import labelled, slice_targets
 from .inputs import check_targets_in_vocab, resolve_validate
 from .ops.loss_head import row_kernels as _plain_row_kernels
 
@@ -66,17 +66,9 @@ class VocabShard:
     vocab_start: object      # int, or an int64 0-dim tensor (all-gathered: no host sync)
     vocab_size: object = None  # the global V (0-dim tensor) when the sizes were all-gathered
 
-    def labelled(self, targets: Tensor) -> Tensor:
-        """Tokens whose target some rank owns (``head_chunk.labelled`` on the global
-        vocabulary). With ``vocab_start`` given, the global V is not known without a
-        collective: only negative ids count as unlabelled then (ids >= V are an input
-        error, named under ``validate``)."""
-        return labelled(targets, self.vocab_size)
-
     def local_targets(self, targets: Tensor) -> Tensor:
         """Global ids -> ids in this slice; -1 where another rank (or none) owns the id."""
-        local = targets - self.vocab_start
-        return torch.where((local >= 0) & (local < self.shard_size), local, torch.full_like(local, -1))
+        return slice_targets(targets, self.vocab_start, self.shard_size)
 
     def gather(self, pack: Tensor) -> Tensor:
         """[k, n] per rank -> [W, k, n] on every rank (rank order)."""
@@ -192,6 +184,14 @@ class _CopyToVocabParallel(torch.autograd.Function):
         return grad, None
 
 
+def labelled_tokens(targets: Tensor, weight_rows: int, shard: VocabShard | None) -> Tensor:
+    """``head_chunk.labelled`` on the call's vocabulary: this process's ``weight_rows``, or a
+    shard's global V. With ``vocab_start`` given that V is not known without a collective:
+    only negative ids count as unlabelled then (ids >= V are an input error, named under
+    ``validate``)."""
+    return labelled(targets, weight_rows if shard is None else shard.vocab_size)
+
+
 def copy_to_vocab_parallel(hidden: Tensor, shard: VocabShard | None) -> Tensor:
     """``hidden`` whose gradient is all-reduced over the group in the backward (only when a
     gradient is wanted; ``hidden`` itself without ``shard``)."""
@@ -200,4 +200,4 @@ def copy_to_vocab_parallel(hidden: Tensor, shard: VocabShard | None) -> Tensor:
     return _CopyToVocabParallel.apply(hidden, shard.group)
 
 
-__all__ = ["VocabShard", "vocab_shard", "row_kernels", "copy_to_vocab_parallel"]
+__all__ = ["VocabShard", "vocab_shard", "row_kernels", "labelled_tokens", "copy_to_vocab_parallel"]

@@ -33,8 +33,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .head_chunk import (VOCAB_SLICE, Head, chunk_logits, gemm_accumulates_fp32, logit_storage_scale,
-                         logits_grad)
+from .head_chunk import (Head, add_product, chunk_logits, logit_storage_scale, logits_grad, slice_targets,
+                         write_product, zero_rows_without_gradient)
 from .reference import compute_dtype
 
 MIN_BLOCK_ROWS = 256  # narrowest vocabulary block before the tokens are split too
@@ -58,33 +58,6 @@ def block_sizes(n_tokens: int, vocab: int, tile_elements: int) -> tuple[int, int
     return rows, max(1, min(n_tokens, tile_elements // rows))
 
 
-def _add_product(acc: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
-    """``acc += alpha * a @ b`` with the product summed in ``acc``'s precision (fp32 for
-    half-precision operands), not rounded to the operands' dtype first."""
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b, alpha=alpha)
-    elif gemm_accumulates_fp32(a.device, a.dtype):  # cuBLAS: half operands, fp32 C
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
-    elif a.device.type == "cpu":
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
-    else:  # a CUDA torch without fp32-output GEMMs: each part rounded once, alpha applied
-        # in the GEMM's epilogue (an fp16 tile holds 2^8 x the gradient), by row slices
-        # so the half-precision temporary stays VOCAB_SLICE x H
-        zero = torch.zeros((), dtype=a.dtype, device=a.device)
-        for r0 in range(0, a.shape[0], VOCAB_SLICE):
-            rows = slice(r0, r0 + VOCAB_SLICE)
-            acc[rows].add_(torch.addmm(zero, a[rows], b, beta=0.0, alpha=alpha))
-
-
-def _write_product(out: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
-    """``out = alpha * a @ b``: one GEMM, one rounding to ``out``'s dtype."""
-    if alpha == 1.0:
-        torch.mm(a, b, out=out)
-    else:
-        torch.addmm(torch.zeros((), dtype=out.dtype, device=out.device), a, b, beta=0.0, alpha=alpha,
-                    out=out)
-
-
 def vocab_blocked_grads(head: Head, needs, targets: Tensor, lse: Tensor, token_grad: Tensor,
                         tile_elements: int, grad_inplace) -> BlockGrads:
     """The head's gradients for per-token ``token_grad`` (d loss / d logp) and ``lse``.
@@ -105,11 +78,7 @@ def vocab_blocked_grads(head: Head, needs, targets: Tensor, lse: Tensor, token_g
     grad_w = torch.empty_like(weight) if weight_req else None
     grad_b = torch.empty_like(bias) if bias_req else None
     s = logit_storage_scale(hidden.dtype, head.softcap)  # d/du = s * d/d(stored)
-    # rows whose d loss / d logp is 0 (padding, masked, clipped) add nothing to grad-weight,
-    # even a NaN hidden state there (the row kernel writes exact zeros into their logits)
-    h_w = (torch.where((token_grad != 0)[:, None], hidden, torch.zeros((), dtype=hidden.dtype,
-                                                                       device=hidden.device))
-           if weight_req else None)
+    h_w = zero_rows_without_gradient(hidden, token_grad) if weight_req else None
     rows, piece = block_sizes(n, vocab, tile_elements)
     tile_store = torch.empty(piece * rows, dtype=hidden.dtype, device=hidden.device)
     split = piece < n
@@ -120,8 +89,7 @@ def vocab_blocked_grads(head: Head, needs, targets: Tensor, lse: Tensor, token_g
     for v0 in range(0, vocab, rows):
         v1 = min(v0 + rows, vocab)
         block = head._replace(weight=weight[v0:v1], bias=None if bias is None else bias[v0:v1])
-        local = targets - v0
-        local = torch.where((local >= 0) & (local < v1 - v0), local, torch.full_like(local, -1))
+        local = slice_targets(targets, v0, v1 - v0)
         w_sum = None
         if split and weight_req:
             w_sum = grad_w[v0:v1] if w_acc is None else w_acc[:v1 - v0]
@@ -134,11 +102,11 @@ def vocab_blocked_grads(head: Head, needs, targets: Tensor, lse: Tensor, token_g
                                 tokens, t1 - t0)
             logits_grad(grad_inplace, tile, block, local[tokens], lse[tokens], token_grad[tokens])
             if grad_h is not None:
-                _add_product(grad_h[tokens], tile, block.weight, s)
+                add_product(grad_h[tokens], tile, block.weight, s)
             if w_sum is not None:
-                _add_product(w_sum, tile.t(), h_w[tokens], s)
+                add_product(w_sum, tile.t(), h_w[tokens], s)
             elif weight_req:
-                _write_product(grad_w[v0:v1], tile.t(), h_w, s)
+                write_product(grad_w[v0:v1], tile.t(), h_w, s)
             if b_acc is not None:
                 b_acc.add_(tile.sum(0, dtype=acc_dtype), alpha=s)
         if w_acc is not None:
