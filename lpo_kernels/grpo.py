@@ -439,12 +439,9 @@ def check_grpo_values(token_shape, mask, validate, device, **tensors) -> None:
             where = counted.any(-1, keepdim=True)  # [B, 1]: rows with a counted token
         elif x.dim() == 1:
             where = counted.any(-1)                # [B] advantages
-        bad = ~torch.isfinite(x.detach()) & where
-        if name == "importance_sampling_ratio":
-            bad = bad | ((x.detach() < 0) & where)
-        if bool(bad.any()):
-            raise ValueError(f"{name} has non-finite{' or negative' if name == 'importance_sampling_ratio' else ''} "
-                             f"values at counted tokens ({int(bad.sum())} of them)")
+        check_finite(name, x.detach(), where)
+        if name == "importance_sampling_ratio" and bool(((x.detach() < 0) & where).any()):
+            raise ValueError(f"{name} has negative values at counted tokens")
 
 
 def grpo_loss(logp, old_logp, mask, advantages, *, ref_logp=None, entropy=None, sampling_logp=None,

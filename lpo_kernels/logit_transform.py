@@ -22,12 +22,12 @@ all-token tile's) row count: no second ``chunk x V`` buffer.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .options import _check_real
 from .reference import compute_dtype
 
 SLICE_COLUMNS = 4096  # vocabulary columns per temporary (tests shrink it to cover slicing)
@@ -37,15 +37,14 @@ SLICE_ELEMENTS = 1 << 23  # elements per temporary (32 MiB in fp32): rows are sl
 
 def check_logit_transform(softcap, logit_scale) -> tuple[float | None, float]:
     """Validated ``(softcap, logit_scale)`` as Python floats (``softcap`` None = no cap)."""
+    checked = []
     for name, value in (("softcap", softcap), ("logit_scale", logit_scale)):
-        if value is None and name == "softcap":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a Python number{' or None' if name == 'softcap' else ''}, "
-                            f"got {type(value).__name__}")
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return (None if softcap is None else float(softcap)), float(logit_scale)
+        if value is not None or name != "softcap":
+            value = _check_real(name, value)  # a finite Python number
+            if value <= 0:
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
+        checked.append(value)
+    return checked[0], checked[1]
 
 
 def _blocks(rows: int, vocab: int):
