@@ -466,7 +466,8 @@ def format_table(summary: dict, cfg: Config) -> str:
     return "\n".join([line(header), sep] + [line(r) for r in rows])
 
 
-def plot(runs: list, cfg: Config, path: str) -> bool:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when it is not installed."""
     try:
         import matplotlib
 
@@ -474,6 +475,13 @@ def plot(runs: list, cfg: Config, path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot(runs: list, cfg: Config, path: str) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     steps = torch.arange(1, cfg.steps + 1).double()

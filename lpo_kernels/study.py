@@ -255,13 +255,8 @@ def _curve_band(curves: list, smooth: int):
 
 
 def plot(results: dict, path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+    plt = demo.pyplot()
+    if plt is None:
         return False
     tasks = results["tasks"]
     fig, axes = plt.subplots(len(tasks), 3, figsize=(15, 3.8 * len(tasks)), squeeze=False)
